@@ -1,0 +1,132 @@
+"""`dreamfleet demo`: the platform's main job end to end on the embedded default.
+
+At this stage: an embedded local Ray runs one DreamBooth fine-tune of one subject on the
+default base model, then the demo writes an image grid (training photos above the
+expert's generations in new contexts, and the base model's for the same prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("dreamfleet")
+
+DEMO_PROMPTS = ["a {identifier} {class_noun}", "a {identifier} {class_noun} on the beach", "a {identifier} {class_noun} in the snow"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train one subject on an embedded local Ray and write an image grid",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("demo"), help="output folder")
+    p.add_argument("--base-model", default="tiny-random", help="base model spec")
+    p.add_argument("--images", type=Path, help="subject photos (default: DreamBench 'dog' from ../shared, else synthetic)")
+    p.add_argument("--class-noun", default="dog")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded Ray")
+    p.set_defaults(handler=run)
+
+
+def _find_images(args: argparse.Namespace) -> tuple[Path, str]:
+    if args.images:
+        return args.images, args.class_noun
+    for root in (Path.cwd(), *Path.cwd().parents):
+        candidate = root.parent / "shared" / "dreambench" / "dog"
+        if candidate.is_dir():
+            return candidate, "dog"
+        if (root / ".git").exists():
+            break
+    folder = args.out / "subject"
+    _synthetic_subject(folder)
+    return folder, "ball"
+
+
+def _synthetic_subject(folder: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        img = Image.new("RGB", (128, 128), (90 + 30 * i, 160, 90))
+        d = ImageDraw.Draw(img)
+        x, y = 30 + 10 * i, 40 - 5 * i
+        d.ellipse((x, y, x + 60, y + 60), fill=(200, 40, 40))
+        d.rectangle((x + 22, y + 10, x + 38, y + 50), fill=(250, 220, 0))
+        img.save(folder / f"{i:02d}.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from dreamfleet.core.images import image_grid, load_subject_images
+
+    t0 = time.perf_counter()
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    images_dir, class_noun = _find_images(args)
+    load_subject_images(images_dir)  # fail fast, on the driver, with a clear message
+    print(f"subject photos: {images_dir} (class '{class_noun}')")
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        task = ray.remote(num_cpus=args.num_cpus)(_train_remote)
+        expert_dir, info = ray.get(task.remote(str(images_dir), class_noun, args.base_model, args.steps, str(out)))
+    finally:
+        ray.shutdown()
+    print(f"expert: {expert_dir}  (identifier '{info['identifier']}', final loss {info['final_loss']:.4f})")
+    rows, cols = _grid_rows(Path(expert_dir), args.base_model, images_dir)
+    grid_path = out / "grid.png"
+    image_grid(rows, rows=len(rows) // cols, cols=cols).save(grid_path)
+    print(f"grid: {grid_path}")
+    print("  row 1: training photos; rows 2-4: the expert on "
+          + ", ".join(repr(p) for p in DEMO_PROMPTS) + "; rows 5-7: the base model on the same prompts")
+    if args.base_model == "tiny-random":
+        print("  note: tiny-random is an untrained random model, so its images are noise; "
+              "pass --base-model with a real Stable Diffusion folder for meaningful pictures")
+    print(f"done in {time.perf_counter() - t0:.0f} s; outputs in {out}")
+    return 0
+
+
+def _train_remote(images_dir: str, class_noun: str, base_model: str, steps: int, out: str):
+    from dreamfleet.core.images import load_subject_images
+    from dreamfleet.trainers.class_images import ClassImageCache
+    from dreamfleet.trainers.config import TrainConfig
+    from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+
+    photos = load_subject_images(images_dir)
+    subject = SubjectData(
+        subject_id=Path(images_dir).name, class_noun=class_noun, images=[p.image for p in photos], source=images_dir
+    )
+    cfg = TrainConfig(steps=steps, method="lora", learning_rate=1e-3, num_class_images=16,
+                      validation_every=max(steps // 2, 1), checkpoint_every=max(steps // 2, 1))
+    result = train_subject(subject, base_model, cfg, Path(out) / "experts" / subject.subject_id,
+                           class_cache=ClassImageCache(Path(out) / "class-images"), overwrite=True, progress=False)
+    return str(result.expert_dir), result.info.to_dict()
+
+
+def _grid_rows(expert_dir: Path, base_model: str, images_dir: Path):
+    import torch
+
+    from dreamfleet.core.expert import ExpertInfo
+    from dreamfleet.core.images import load_subject_images
+    from dreamfleet.core.models import load_base
+
+    info = ExpertInfo.read(expert_dir)
+    base = load_base(base_model)
+    res, cols = base.resolution, 4
+    train = [p.image.resize((res, res)) for p in load_subject_images(images_dir)][:cols]
+    train += [train[-1]] * (cols - len(train))
+    pipe = base.pipeline()
+
+    def generate(prompt_template: str) -> list:
+        gens = [torch.Generator().manual_seed(i) for i in range(cols)]
+        return pipe([info.prompt(prompt_template)] * cols, num_inference_steps=25, height=res, width=res,
+                    generator=gens).images
+
+    base_rows = [img for t in DEMO_PROMPTS for img in generate(t)]
+    pipe.load_lora_weights(str(expert_dir))
+    expert_rows = [img for t in DEMO_PROMPTS for img in generate(t)]
+    return train + expert_rows + base_rows, cols

@@ -1,0 +1,65 @@
+"""`dreamfleet` command line.
+
+Each sub-command lives in its own module of this package with a ``register(subparsers)``
+function; heavy imports (torch, diffusers, ray) happen inside the handlers so that
+``--help`` stays instant. User mistakes (:class:`DreamfleetError`) print one clear
+message and exit 2, without a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dreamfleet.core.errors import DreamfleetError
+
+# Sub-command modules, in --help order. A missing module (a component not installed) is skipped.
+COMMAND_MODULES = ("train", "manifest", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dreamfleet",
+        description="Fleet-scale DreamBooth: train, register and serve per-subject experts.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"dreamfleet.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"dreamfleet.cli.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except DreamfleetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Base models: one loader, :func:`load_base`, for every kind of base model.
+
+A spec is one of:
+
+- ``tiny-random``: a ~2M-parameter Stable-Diffusion-shaped model built from configs in
+  code with a fixed seed, and a locally learned tokenizer (for tests; it generates noise);
+- a local diffusers folder (a Stable Diffusion 1.x/2.x or SDXL checkout on disk);
+- a Hugging Face hub id (``org/name``), fetched only when the hub is reachable and
+  ``HF_HUB_OFFLINE`` is not set; otherwise only the local cache is used.
+
+Every base model comes with a content hash of its weights, recorded in every artifact
+built from it and used as the key of the class-image cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreamfleet.core.errors import ModelError
+from dreamfleet.core.hashing import sha256_file
+
+log = logging.getLogger("dreamfleet")
+
+SD_FAMILY = "sd"
+SDXL_FAMILY = "sdxl"
+
+
+@dataclass
+class BaseModel:
+    """The diffusers components of a base model, plus what identifies it."""
+
+    spec: str
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    model_hash: str
+    family: str = SD_FAMILY
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The native image side in pixels."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "hash": self.model_hash, "family": self.family, "resolution": self.resolution}
+
+    def inference_scheduler(self):
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
+
+    def pipeline(self, *, unet=None, text_encoder=None, device: str | torch.device | None = None):
+        """A plain diffusers ``StableDiffusionPipeline`` over these (or replacement) components."""
+        if self.family != SD_FAMILY:
+            raise ModelError(f"base model {self.spec!r} is {self.family}; only SD 1.x/2.x pipelines are built here")
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=text_encoder if text_encoder is not None else self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet if unet is not None else self.unet,
+            scheduler=self.inference_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        if device is not None:
+            pipe.to(device)
+        return pipe
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write a standard diffusers folder (loadable by ``load_base(folder)`` and by diffusers itself)."""
+        folder = Path(folder)
+        pipe = self.pipeline()
+        pipe.scheduler = self.noise_scheduler
+        pipe.save_pretrained(folder, safe_serialization=True)
+        return folder
+
+
+# --------------------------------------------------------------------------- tiny-random
+
+TINY_SEED = 0
+
+
+def tiny_configs(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int) -> dict[str, dict]:
+    """Configs of the tiny model: SD-shaped, UNet channels (32, 64), 32 px images, 16x16 latents."""
+    return {
+        "unet": dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        ),
+        "text_encoder": dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        ),
+        "scheduler": dict(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+    }
+
+
+def state_dict_hash(*modules: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_tiny_random() -> BaseModel:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreamfleet.core.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    cfgs = tiny_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    # Fork the RNG so building the model never perturbs the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        unet = UNet2DConditionModel(**cfgs["unet"])
+        vae = AutoencoderKL(**cfgs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfgs["text_encoder"]))
+    scheduler = DDPMScheduler(**{k: v for k, v in cfgs["scheduler"].items() if k != "set_alpha_to_one"})
+    # Make every default explicit, as a saved scheduler_config.json is: otherwise diffusers'
+    # from_config gives the inference scheduler its own defaults (e.g. timestep_spacing) in
+    # memory but the saved values on disk, and a saved copy would sample differently.
+    scheduler = DDPMScheduler.from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
+    return BaseModel(
+        spec="tiny-random",
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        noise_scheduler=scheduler,
+        model_hash=state_dict_hash(unet, vae, text_encoder),
+    )
+
+
+# Named built-in models; later components (the toy world) register theirs here.
+BUILTIN_MODELS: dict[str, Callable[[], BaseModel]] = {"tiny-random": build_tiny_random}
+
+
+# --------------------------------------------------------------------------- folders and hub
+
+
+def _hash_cache_path() -> Path:
+    root = Path(os.environ.get("DREAMFLEET_CACHE", Path.home() / ".cache" / "dreamfleet"))
+    return root / "file-hashes.json"
+
+
+def cached_file_hash(path: Path) -> str:
+    """sha256 of a (possibly multi-GB) weight file, memoised by path, size and mtime."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_path = _hash_cache_path()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = sha256_file(path)
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass
+    return cache[key]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
+CONFIG_NAMES = ("config.json", "scheduler_config.json", "model_index.json", "vocab.json", "merges.txt")
+
+
+def folder_hash(folder: Path) -> str:
+    """Hash of a diffusers folder: its configs, tokenizer files and weights (one variant per component)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        rel = path.relative_to(folder).as_posix()
+        if path.name in CONFIG_NAMES:
+            h.update(f"{rel}:{sha256_file(path)}\n".encode())
+        elif path.suffix in WEIGHT_SUFFIXES:
+            h.update(f"{rel}:{cached_file_hash(path)}\n".encode())
+    return h.hexdigest()
+
+
+def _pick_variant(folder: Path, subfolder: str) -> dict[str, Any]:
+    """Prefer safetensors; use the fp16 variant only when it is the sole one present."""
+    sub = folder / subfolder
+    names = {p.name for p in sub.iterdir()} if sub.is_dir() else set()
+    plain = any(n.endswith((".safetensors", ".bin")) and ".fp16." not in n for n in names)
+    if not plain and any(".fp16." in n for n in names):
+        return {"variant": "fp16"}
+    return {}
+
+
+def load_folder(folder: Path, spec: str, dtype: torch.dtype | None = None) -> BaseModel:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelError(
+            f"{folder}: not a diffusers model folder (no model_index.json); pass the folder of a "
+            "Stable Diffusion checkout saved with save_pretrained, a hub id, or 'tiny-random'"
+        )
+    index = json.loads(index_path.read_text())
+    pipeline_class = index.get("_class_name", "")
+    family = SDXL_FAMILY if "XL" in pipeline_class else SD_FAMILY
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (folder / part).is_dir():
+            raise ModelError(f"{folder}: the '{part}' component folder is missing; is the checkout complete?")
+    kw: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw, **_pick_variant(folder, "unet"))
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw, **_pick_variant(folder, "vae"))
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        text_encoder_2 = tokenizer_2 = None
+        if family == SDXL_FAMILY:
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{folder}: cannot load the model ({e})") from None
+    return BaseModel(
+        spec=spec,
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        noise_scheduler=noise_scheduler,
+        model_hash=folder_hash(folder),
+        family=family,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = _hub_offline()
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            local_files_only=offline,
+            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+            ignore_patterns=["*.fp16.*", "*non_ema*", "*.ckpt", "*.bin"],
+        )
+    except Exception as e:  # hub errors come in many types: offline, 401, 404, network
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the hub"
+        raise ModelError(
+            f"base model {repo_id!r} is not a local folder and could not be found {where} ({type(e).__name__}); "
+            "download it on a machine with internet (`huggingface-cli download "
+            f"{repo_id}`) and pass the local folder, or use 'tiny-random'"
+        ) from None
+    return Path(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(spec: str) -> BaseModel:
+    return _load(spec)
+
+
+def _load(spec: str, dtype: torch.dtype | None = None) -> BaseModel:
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec]()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return load_folder(path, spec=str(path.resolve()), dtype=dtype)
+    repo, _, revision = spec.partition("@")
+    if repo.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return load_folder(resolve_hub(repo, revision or None), spec=spec, dtype=dtype)
+    raise ModelError(
+        f"base model {spec!r} not found: it is not a built-in model ({', '.join(BUILTIN_MODELS)}), "
+        "not an existing folder, and not a hub id of the form org/name"
+    )
+
+
+def load_base(spec: str, *, dtype: torch.dtype | None = None, fresh: bool = True) -> BaseModel:
+    """Load the diffusers components of a base model.
+
+    ``fresh=False`` returns a process-wide cached instance (the caller must not modify its
+    weights); the default gives a new instance that a trainer may fine-tune in place.
+    """
+    if not spec or not isinstance(spec, str):
+        raise ModelError("base model spec is empty; pass 'tiny-random', a local diffusers folder or a hub id")
+    if fresh or dtype is not None:
+        return _load(spec, dtype)
+    return _load_cached(spec)

@@ -1,0 +1,105 @@
+"""A small CLIP-format BPE tokenizer built locally, for the tiny and toy base models.
+
+No machine here reaches a model hub, so tiny models cannot borrow a real CLIP tokenizer.
+This module learns byte-level BPE merges (CLIP's format: byte-to-unicode alphabet,
+``</w>`` end-of-word suffix) from a fixed word list with a deterministic trainer, so the
+same vocab comes out on every machine. Common prompt words become single tokens early
+(low ids); a set of rare pseudo-words is merged last (high ids), which gives the
+DreamBooth identifier search a pool of genuinely rare single tokens, as in the paper.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import json
+from pathlib import Path
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Words of DreamBench prompts and classes, the toy world's vocabulary, and generic prompt words.
+COMMON_WORDS = ["a", "an", "the", "of", "in", "on", "at", "with", "and", "photo", "picture", "image", "render", "painting", "drawing", "style", "close", "up", "view", "top", "bottom", "left", "right", "center", "middle", "small", "large", "big", "tiny", "huge", "front", "back", "side", "above", "below", "around", "it", "its", "is", "are", "wearing", "floating", "shaped", "background", "field", "street", "road", "floor", "fabric", "rug", "forest", "mountain", "city", "house", "tree", "leaves", "autumn", "eiffel", "tower", "water", "ocean", "milk", "grass", "sunflowers", "mirror", "sidewalk", "crowded", "dirt", "white", "jungle", "snow", "beach", "cobblestone", "wooden", "wheat", "hat", "santa", "rainbow", "scarf", "monocle", "chef", "outfit", "firefighter", "police", "glasses", "shirt", "wizard", "shiny", "wet", "cube", "night", "day", "sky", "sunset", "desert", "space", "moon", "table", "red", "green", "blue", "yellow", "orange", "purple", "pink", "black", "brown", "grey", "gray", "gold", "silver", "cyan", "teal", "solid", "striped", "stripes", "dotted", "dots", "checkered", "checks", "plain", "spotted", "pattern", "emblem", "star", "heart", "ring", "cross", "ball", "box", "kite", "cup", "dog", "cat", "backpack", "bowl", "can", "candle", "clock", "sneaker", "toy", "boot", "teapot", "vase", "cartoon", "stuffed", "animal", "plushie", "bear", "sloth", "wolf", "duck", "robot", "car", "monster", "emoji", "poop", "berry", "fancy", "colorful", "sunglasses", "person", "man", "woman", "face", "bag", "bottle", "chair", "lamp", "book", "flower", "bird", "fish", "horse", "shoe"]
+
+# Rare pseudo-words: identifier candidates. They appear once in the training corpus, so
+# they are merged last and get the highest ids.
+RARE_WORDS = ["sks", "zwx", "qlo", "vyk", "xjr", "pqd", "kzv", "bnq", "wuf", "yxo", "jhv", "zqp", "fep", "dax", "lix", "mog", "nuv", "rox", "sib", "tep", "vod", "wex", "yun", "zor", "kav", "gip", "hux", "jol", "kem", "lun", "mip", "nog", "piv", "quz", "rad", "suf", "tiv", "uxo", "vep", "wib"]
+
+
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def learn_bpe(word_counts: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """Greedy BPE: repeatedly merge the most frequent adjacent pair (ties broken
+    lexicographically) until every word is one token. Returns (vocab, merges)."""
+    alphabet = list(bytes_to_unicode().values())
+    vocab_tokens = alphabet + [c + "</w>" for c in alphabet]
+    words = {
+        (*w[:-1], w[-1] + "</w>"): c for w, c in sorted(word_counts.items())
+    }
+    merges: list[str] = []
+    while True:
+        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+        for pieces, count in words.items():
+            for a, b in itertools.pairwise(pieces):
+                pairs[(a, b)] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(f"{best[0]} {best[1]}")
+        vocab_tokens.append(best[0] + best[1])
+        merged = {}
+        for pieces, count in words.items():
+            out, i = [], 0
+            while i < len(pieces):
+                if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(pieces[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+        words = merged
+    vocab_tokens += [BOS, EOS]
+    return {tok: i for i, tok in enumerate(vocab_tokens)}, merges
+
+
+@functools.cache
+def tiny_vocab_and_merges() -> tuple[dict[str, int], tuple[str, ...]]:
+    counts = {w: 1000 - i for i, w in enumerate(dict.fromkeys(COMMON_WORDS))}
+    counts.update({w: 1 for w in RARE_WORDS if w not in counts})
+    vocab, merges = learn_bpe(counts)
+    return vocab, tuple(merges)
+
+
+def build_tiny_tokenizer(model_max_length: int = 77):
+    """A ``CLIPTokenizer`` over the locally learned vocab (no files, no download)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_vocab_and_merges()
+    # transformers 5: pass vocab=/merges= objects; the *_file arguments are silently ignored.
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split(" ")) for m in merges])
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def write_tiny_tokenizer(folder: str | Path) -> Path:
+    """Save the tiny tokenizer as a diffusers ``tokenizer/`` folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    build_tiny_tokenizer().save_pretrained(folder)
+    vocab, merges = tiny_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models on CPU with fixed seeds, one local Ray per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DREAMBENCH = SHARED / "dreambench"
+ARTIFACTS = REPO / "test-artifacts"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray instance for the whole test session (127.0.0.1, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """Where tests keep files worth looking at afterwards (grids, screenshots)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def dreambench() -> Path:
+    if not (DREAMBENCH / "prompts_and_classes.txt").is_file():
+        pytest.skip(f"DreamBench not found at {DREAMBENCH} (CI has ../shared beside the checkout)")
+    return DREAMBENCH

@@ -1,0 +1,292 @@
+"""The one training loop: single process, no Ray, no DeepSpeed.
+
+DreamBooth (and later the apprentice) plug in an :class:`Objective` (step -> loss). The loop
+owns the optimizer, the learning-rate schedule, mixed precision, gradient accumulation and
+clipping, checkpoints and resume. Randomness is derived from ``(seed, step)``, never from a
+global stream, so a run resumed from a checkpoint follows the uninterrupted run exactly.
+A distributed runtime wraps this loop through :class:`LoopHooks` and an optional
+:class:`Engine`; the loop itself never imports Ray or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dreamfleet.core.artifacts import atomic_dir, read_json, write_json
+
+log = logging.getLogger("dreamfleet")
+
+CKPT_PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+def step_generator(seed: int, step: int, stream: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
+    """An RNG that depends only on (seed, step, stream): the basis of exact resume."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
+    return g
+
+
+class Objective(Protocol):
+    """What a trainer plugs into the loop."""
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules whose ``requires_grad`` parameters are trained and checkpointed, by name."""
+
+    def loss(self, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch; the batch is drawn from RNGs seeded by (step, micro_step)."""
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    learning_rate: float
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    autocast_dtype: torch.dtype | None = None
+    checkpoint_every: int = 0
+    checkpoints_total_limit: int = 2
+    validation_every: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = True
+    description: str = "training"
+
+
+@dataclass
+class LoopHooks:
+    """Callbacks for the runtime (progress reports) and the trainer (validation images)."""
+
+    on_step: Callable[[int, dict[str, float]], None] | None = None
+    on_validation: Callable[[int], None] | None = None
+    on_checkpoint: Callable[[int, Path], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass
+class LoopResult:
+    final_step: int
+    history: list[dict[str, float]]
+    resumed_from: int | None
+    wall_time_s: float
+    step_time_s: float  # time inside optimizer steps only
+
+    @property
+    def final_loss(self) -> float | None:
+        if not self.history:
+            return None
+        tail = self.history[-min(10, len(self.history)):]
+        return sum(h["loss"] for h in tail) / len(tail)
+
+
+def trainable_parameters(objective: Objective) -> list[torch.nn.Parameter]:
+    return [p for m in objective.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+
+
+def trainable_state(objective: Objective) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, module in objective.trainable_modules().items():
+        for pname, p in module.named_parameters():
+            if p.requires_grad:
+                state[f"{name}.{pname}"] = p.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def load_trainable_state(objective: Objective, state: dict[str, torch.Tensor]) -> None:
+    for name, module in objective.trainable_modules().items():
+        params = dict(module.named_parameters())
+        for key, value in state.items():
+            mod, _, pname = key.partition(".")
+            if mod == name:
+                with torch.no_grad():
+                    params[pname].copy_(value.to(params[pname].device, params[pname].dtype))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
+    # foreach on CPU, fused on CUDA: both are the same AdamW maths, fewer kernel launches.
+    fused = s.device.type == "cuda"
+    return torch.optim.AdamW(
+        params,
+        lr=s.learning_rate,
+        betas=(s.adam_beta1, s.adam_beta2),
+        weight_decay=s.adam_weight_decay,
+        eps=s.adam_epsilon,
+        **({"fused": True} if fused else {"foreach": True}),
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, s: LoopSettings):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        s.lr_scheduler, optimizer=optimizer, num_warmup_steps=s.lr_warmup_steps, num_training_steps=s.steps
+    )
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(checkpoint_dir: Path | None) -> list[tuple[int, Path]]:
+    if checkpoint_dir is None or not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for p in checkpoint_dir.iterdir():
+        m = CKPT_PATTERN.match(p.name)
+        if m and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(
+    checkpoint_dir: Path, step: int, objective: Objective, optimizer, scheduler, scaler, history: list[dict]
+) -> Path:
+    final = checkpoint_dir / f"step-{step:08d}"
+    with atomic_dir(final, overwrite=True) as tmp:
+        save_file(trainable_state(objective), str(tmp / "trainable.safetensors"))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None},
+            tmp / "optimizer.pt",
+        )
+        write_json(tmp / "state.json", {"step": step, "history": history})
+    return final
+
+
+def load_checkpoint(path: Path, objective: Objective, optimizer, scheduler, scaler) -> tuple[int, list[dict]]:
+    load_trainable_state(objective, load_file(str(path / "trainable.safetensors")))
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    if scaler is not None and opt.get("scaler"):
+        scaler.load_state_dict(opt["scaler"])
+    state = read_json(path / "state.json")
+    return int(state["step"]), list(state["history"])
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
+    for _, path in list_checkpoints(checkpoint_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+
+
+def run_loop(
+    objective: Objective,
+    s: LoopSettings,
+    *,
+    checkpoint_dir: Path | None = None,
+    hooks: LoopHooks | None = None,
+) -> LoopResult:
+    """Train ``objective`` for ``s.steps`` optimizer steps, resuming from the newest
+    checkpoint in ``checkpoint_dir`` if there is one."""
+    hooks = hooks or LoopHooks()
+    params = trainable_parameters(objective)
+    if not params:
+        raise RuntimeError("the objective has no trainable parameters")
+    optimizer = make_optimizer(params, s)
+    scheduler = make_scheduler(optimizer, s)
+    scaler = torch.amp.GradScaler(s.device.type) if s.autocast_dtype == torch.float16 else None
+
+    start, history, resumed_from = 0, [], None
+    existing = list_checkpoints(checkpoint_dir)
+    if existing:
+        resumed_from, path = existing[-1]
+        start, history = load_checkpoint(path, objective, optimizer, scheduler, scaler)
+        log.info("resuming %s from checkpoint step %d (%s)", s.description, start, path)
+
+    t0 = time.perf_counter()
+    step_time = 0.0
+    progress = _progress(s, start)
+    for step in range(start, s.steps):
+        if hooks.should_stop is not None and hooks.should_stop():
+            break
+        t_step = time.perf_counter()
+        metrics = _optimizer_step(objective, s, step, params, optimizer, scheduler, scaler)
+        step_time += time.perf_counter() - t_step
+        done = step + 1
+        history.append({"step": done, **metrics})
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if hooks.on_step is not None:
+            hooks.on_step(done, metrics)
+        if checkpoint_dir is not None and s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+            path = save_checkpoint(checkpoint_dir, done, objective, optimizer, scheduler, scaler, history)
+            prune_checkpoints(checkpoint_dir, s.checkpoints_total_limit)
+            if hooks.on_checkpoint is not None:
+                hooks.on_checkpoint(done, path)
+        if hooks.on_validation is not None and s.validation_every and done % s.validation_every == 0 and done < s.steps:
+            hooks.on_validation(done)
+    if progress is not None:
+        progress.close()
+    final_step = history[-1]["step"] if history else start
+    if hooks.on_validation is not None and final_step == s.steps:
+        hooks.on_validation(final_step)
+    return LoopResult(
+        final_step=int(final_step),
+        history=history,
+        resumed_from=resumed_from,
+        wall_time_s=time.perf_counter() - t0,
+        step_time_s=step_time,
+    )
+
+
+def _optimizer_step(objective, s: LoopSettings, step, params, optimizer, scheduler, scaler) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for micro in range(s.gradient_accumulation_steps):
+        with autocast(s.device, s.autocast_dtype):
+            loss, metrics = objective.loss(step, micro)
+        loss = loss / s.gradient_accumulation_steps
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / s.gradient_accumulation_steps
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if s.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+        totals["grad_norm"] = float(grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals["lr"] = float(scheduler.get_last_lr()[0])
+    if not math.isfinite(totals.get("loss", 0.0)):
+        raise FloatingPointError(f"loss became {totals['loss']} at step {step + 1}; lower the learning rate")
+    return totals
+
+
+def _progress(s: LoopSettings, start: int) -> Any:
+    if not s.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=s.steps, initial=start, desc=s.description, unit="step", dynamic_ncols=True, leave=False)

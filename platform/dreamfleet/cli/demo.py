@@ -21,7 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="train one subject on an embedded local Ray and write an image grid",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="output folder")
     p.add_argument("--base-model", default="tiny-random", help="base model spec")

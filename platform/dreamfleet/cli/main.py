@@ -16,7 +16,7 @@ import sys
 from dreamfleet.core.errors import DreamfleetError
 
 # Sub-command modules, in --help order. A missing module (a component not installed) is skipped.
-COMMAND_MODULES = ("train", "manifest", "demo")
+COMMAND_MODULES = ("train", "fleet", "manifest", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except DreamfleetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dreamfleet ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -23,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(weights, expert.json, validation images) to --out. Re-running after an interruption "
             "resumes from the last checkpoint."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--images", required=True, type=Path, help="folder with the subject's photos")
     p.add_argument("--class-noun", required=True, help="the subject's class, e.g. dog, backpack")

@@ -130,6 +130,8 @@ class DreamBoothObjective:
     ):
         self.base, self.cfg, self.device, self.rank = base, cfg, device, rank
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
+        # The module called in forward; a distributed runtime replaces it with its DDP wrapper.
+        self.forward_unet = base.unet
         self.scheduler = base.noise_scheduler
         self.weight_dtype = weight_dtype
         self.scaling_factor = float(base.vae.config.scaling_factor)
@@ -199,7 +201,7 @@ class DreamBoothObjective:
             cond = self.text_encoder(ids)[0]
         else:
             cond = torch.cat([self.inst_emb] * bs + ([self.class_emb] * bs if prior else []))
-        pred_bchw = self.unet(noisy_bchw, timesteps, cond.to(self.device)).sample
+        pred_bchw = self.forward_unet(noisy_bchw, timesteps, cond.to(self.device)).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target_bchw = self.scheduler.get_velocity(latents_bchw, noise_bchw, timesteps)
         else:
@@ -417,14 +419,33 @@ def train_subject(
 
 
 def publish_expert(
-    p: PreparedSubject, result: LoopResult, out_dir: Path, work: Path, *, wall_time_s: float, overwrite: bool
+    p: PreparedSubject,
+    result: LoopResult,
+    out_dir: Path,
+    work: Path,
+    *,
+    wall_time_s: float,
+    overwrite: bool,
+    unet_state: dict[str, torch.Tensor] | None = None,
+    extra_stats: dict | None = None,
 ) -> ExpertInfo:
-    """Write the expert folder atomically: weights, expert.json, validation grids, instance photos."""
+    """Write the expert folder atomically: weights, expert.json, validation grids, instance photos.
+
+    ``unet_state``: the consolidated full UNet state dict, when the module itself holds only a
+    shard (DeepSpeed ZeRO-3).
+    """
     cfg, base = p.cfg, p.base
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         if cfg.method == "lora":
-            save_lora(tmp, base.unet, base.text_encoder if cfg.train_text_encoder else None)
+            save_lora(tmp, base.unet, base.text_encoder if cfg.train_text_encoder else None, unet_state=unet_state)
             weights = ["pytorch_lora_weights.safetensors"]
+        elif unet_state is not None:
+            from diffusers import UNet2DConditionModel
+
+            full = UNet2DConditionModel.from_config(base.unet.config)
+            full.load_state_dict({k: v.float() for k, v in unet_state.items()})
+            full.save_pretrained(tmp / "unet", safe_serialization=True)
+            weights = ["unet"]
         else:
             base.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             weights = ["unet"]
@@ -464,6 +485,7 @@ def publish_expert(
                 "loss_first": history[0]["loss"] if history else None,
                 "device": str(p.device),
                 "precision": str(p.autocast_dtype).replace("torch.", "") if p.autocast_dtype else "fp32",
+                **(extra_stats or {}),
             },
         )
         write_json(tmp / "loss_history.json", history)

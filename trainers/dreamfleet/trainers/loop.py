@@ -118,6 +118,69 @@ def load_trainable_state(objective: Objective, state: dict[str, torch.Tensor]) -
                     params[pname].copy_(value.to(params[pname].device, params[pname].dtype))
 
 
+class Engine(Protocol):
+    """Backward, optimizer step and optimizer-state checkpoints. :class:`LocalEngine` (one
+    process, or DDP) is the default; the distributed runtime supplies a DeepSpeed one."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> dict[str, float]: ...
+
+    def save(self, folder: Path, *, is_main: bool) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
+
+
+class LocalEngine:
+    """AdamW + LR schedule + optional fp16 grad scaling + clipping, in this process."""
+
+    def __init__(self, objective: Objective, s: LoopSettings):
+        self.objective, self.s = objective, s
+        self.params = trainable_parameters(objective)
+        if not self.params:
+            raise RuntimeError("the objective has no trainable parameters")
+        self.optimizer = make_optimizer(self.params, s)
+        self.scheduler = make_scheduler(self.optimizer, s)
+        self.scaler = torch.amp.GradScaler(s.device.type) if s.autocast_dtype == torch.float16 else None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> dict[str, float]:
+        out = {}
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.s.max_grad_norm > 0:
+            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out["lr"] = float(self.scheduler.get_last_lr()[0])
+        return out
+
+    def save(self, folder: Path, *, is_main: bool) -> None:
+        if not is_main:  # replicated state (single process or DDP): rank 0 writes it
+            return
+        save_file(trainable_state(self.objective), str(folder / "trainable.safetensors"))
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+             "scaler": self.scaler.state_dict() if self.scaler is not None else None},
+            folder / "optimizer.pt",
+        )
+
+    def load(self, folder: Path) -> None:
+        load_trainable_state(self.objective, load_file(str(folder / "trainable.safetensors")))
+        opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        if self.scaler is not None and opt.get("scaler"):
+            self.scaler.load_state_dict(opt["scaler"])
+
+
 def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
     # foreach on CPU, fused on CUDA: both are the same AdamW maths, fewer kernel launches.
     fused = s.device.type == "cuda"
@@ -153,28 +216,16 @@ def list_checkpoints(checkpoint_dir: Path | None) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(
-    checkpoint_dir: Path, step: int, objective: Objective, optimizer, scheduler, scaler, history: list[dict]
-) -> Path:
+def save_checkpoint(checkpoint_dir: Path, step: int, engine: Engine, history: list[dict], *, is_main: bool = True) -> Path:
     final = checkpoint_dir / f"step-{step:08d}"
     with atomic_dir(final, overwrite=True) as tmp:
-        save_file(trainable_state(objective), str(tmp / "trainable.safetensors"))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None},
-            tmp / "optimizer.pt",
-        )
+        engine.save(tmp, is_main=is_main)
         write_json(tmp / "state.json", {"step": step, "history": history})
     return final
 
 
-def load_checkpoint(path: Path, objective: Objective, optimizer, scheduler, scaler) -> tuple[int, list[dict]]:
-    load_trainable_state(objective, load_file(str(path / "trainable.safetensors")))
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    if scaler is not None and opt.get("scaler"):
-        scaler.load_state_dict(opt["scaler"])
+def load_checkpoint(path: Path, engine: Engine) -> tuple[int, list[dict]]:
+    engine.load(path)
     state = read_json(path / "state.json")
     return int(state["step"]), list(state["history"])
 
@@ -202,32 +253,33 @@ def run_loop(
     *,
     checkpoint_dir: Path | None = None,
     hooks: LoopHooks | None = None,
+    engine: Engine | None = None,
+    is_main: bool = True,
 ) -> LoopResult:
     """Train ``objective`` for ``s.steps`` optimizer steps, resuming from the newest
-    checkpoint in ``checkpoint_dir`` if there is one."""
+    checkpoint in ``checkpoint_dir`` if there is one.
+
+    ``engine`` defaults to a :class:`LocalEngine`; ``is_main`` is False on the other ranks
+    of a distributed run (they write no replicated state and show no progress bar).
+    """
     hooks = hooks or LoopHooks()
-    params = trainable_parameters(objective)
-    if not params:
-        raise RuntimeError("the objective has no trainable parameters")
-    optimizer = make_optimizer(params, s)
-    scheduler = make_scheduler(optimizer, s)
-    scaler = torch.amp.GradScaler(s.device.type) if s.autocast_dtype == torch.float16 else None
+    engine = engine or LocalEngine(objective, s)
 
     start, history, resumed_from = 0, [], None
     existing = list_checkpoints(checkpoint_dir)
     if existing:
         resumed_from, path = existing[-1]
-        start, history = load_checkpoint(path, objective, optimizer, scheduler, scaler)
+        start, history = load_checkpoint(path, engine)
         log.info("resuming %s from checkpoint step %d (%s)", s.description, start, path)
 
     t0 = time.perf_counter()
     step_time = 0.0
-    progress = _progress(s, start)
+    progress = _progress(s, start) if is_main else None
     for step in range(start, s.steps):
         if hooks.should_stop is not None and hooks.should_stop():
             break
         t_step = time.perf_counter()
-        metrics = _optimizer_step(objective, s, step, params, optimizer, scheduler, scaler)
+        metrics = _optimizer_step(objective, s, step, engine)
         step_time += time.perf_counter() - t_step
         done = step + 1
         history.append({"step": done, **metrics})
@@ -237,7 +289,7 @@ def run_loop(
         if hooks.on_step is not None:
             hooks.on_step(done, metrics)
         if checkpoint_dir is not None and s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
-            path = save_checkpoint(checkpoint_dir, done, objective, optimizer, scheduler, scaler, history)
+            path = save_checkpoint(checkpoint_dir, done, engine, history, is_main=is_main)
             prune_checkpoints(checkpoint_dir, s.checkpoints_total_limit)
             if hooks.on_checkpoint is not None:
                 hooks.on_checkpoint(done, path)
@@ -257,28 +309,15 @@ def run_loop(
     )
 
 
-def _optimizer_step(objective, s: LoopSettings, step, params, optimizer, scheduler, scaler) -> dict[str, float]:
+def _optimizer_step(objective: Objective, s: LoopSettings, step: int, engine: Engine) -> dict[str, float]:
     totals: dict[str, float] = {}
     for micro in range(s.gradient_accumulation_steps):
         with autocast(s.device, s.autocast_dtype):
             loss, metrics = objective.loss(step, micro)
-        loss = loss / s.gradient_accumulation_steps
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        engine.backward(loss / s.gradient_accumulation_steps)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) / s.gradient_accumulation_steps
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if s.max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-        totals["grad_norm"] = float(grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    totals["lr"] = float(scheduler.get_last_lr()[0])
+    totals.update(engine.step())
     if not math.isfinite(totals.get("loss", 0.0)):
         raise FloatingPointError(f"loss became {totals['loss']} at step {step + 1}; lower the learning rate")
     return totals

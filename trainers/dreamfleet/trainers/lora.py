@@ -24,17 +24,27 @@ def add_lora(module: torch.nn.Module, rank: int, alpha: int, targets: list[str],
         module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
 
 
-def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> Path:
-    """Write ``pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights(folder)``."""
+def save_lora(
+    folder: Path,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+    *,
+    unet_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights(folder)``.
+
+    ``unet_state`` is a full state dict to take the adapter from instead of the module's own
+    parameters (under ZeRO-3 the module holds only a shard).
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    def state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-        sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
+    def state(m: torch.nn.Module, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(m, state_dict=full))
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
-    kwargs = {"unet_lora_layers": state(unet), "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+    kwargs = {"unet_lora_layers": state(unet, unet_state), "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
     if text_encoder is not None:
         kwargs["text_encoder_lora_layers"] = state(text_encoder)
         kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()

@@ -1,0 +1,316 @@
+"""The fan-out orchestrator: a manifest of subjects in, a registry of experts out.
+
+``run_fanout`` connects to a Ray cluster (or starts an embedded local one), generates the
+missing class images once per class with Ray Data, then runs up to ``max_concurrent``
+long-lived worker groups (Ray Train ``TorchTrainer``s of ``workers_per_subject`` workers)
+that take subjects from a shared queue until it is empty. Finished subjects are skipped
+when the same command runs again; unfinished ones resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dreamfleet.core.config import cfg, to_dict
+from dreamfleet.core.errors import ConfigError, DataError
+from dreamfleet.core.version import code_version
+from dreamfleet.trainers.config import TrainConfig
+
+log = logging.getLogger("dreamfleet")
+NAMESPACE = "dreamfleet"
+
+
+@dataclass
+class FanoutConfig:
+    """How a manifest is spread over the cluster."""
+
+    workers_per_subject: int = cfg(1, "Ray Train workers that train one subject together (DDP or DeepSpeed)")
+    gpus_per_worker: float = cfg(0.0, "GPUs per worker (0: CPU training)")
+    cpus_per_worker: float = cfg(1.0, "CPUs per worker")
+    max_concurrent: int = cfg(1, "worker groups training subjects at the same time")
+    zero_stage: int = cfg(0, "0: plain DDP; 2 or 3: DeepSpeed ZeRO stage")
+    offload: bool = cfg(False, "DeepSpeed: offload optimizer state to CPU memory")
+    max_retries: int = cfg(2, "retries of a failed subject before it is marked failed")
+    retrain: bool = cfg(False, "train subjects that already have a published expert again (a new version)")
+    address: str | None = cfg(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    class_cache: str | None = cfg(None, "class-image cache folder (default: <registry>/class-images on a local registry)")
+
+    def __post_init__(self) -> None:
+        if self.workers_per_subject < 1 or self.max_concurrent < 1:
+            raise ConfigError("workers_per_subject and max_concurrent must be at least 1")
+        if self.zero_stage not in (0, 2, 3):
+            raise ConfigError(f"zero_stage must be 0, 2 or 3, got {self.zero_stage}")
+        if self.offload and self.zero_stage == 0:
+            raise ConfigError("--offload needs DeepSpeed: pass --zero-stage 2 or 3")
+        if self.max_retries < 0 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ConfigError("max_retries, cpus_per_worker and gpus_per_worker must not be negative")
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    done: list[str]
+    failed: dict[str, str]
+    skipped: list[str]
+    wall_time_s: float
+    class_images_generated: int
+
+
+def connect_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
+    """Connect to a cluster, or start an embedded one. Returns True if this call started Ray."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
+                 runtime_env=env, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def select_subjects(manifest, subjects: list[str] | None) -> list[str]:
+    available = manifest.subject_ids()
+    if not subjects:
+        return available
+    unknown = [s for s in subjects if s not in set(available)]
+    if unknown:
+        raise DataError(f"subject(s) {', '.join(map(repr, unknown))} are not in the manifest {manifest!r}")
+    return list(dict.fromkeys(subjects))
+
+
+def run_fanout(
+    manifest_uri: str,
+    registry_uri: str,
+    base_model: str,
+    train_cfg: TrainConfig,
+    fan: FanoutConfig,
+    *,
+    subjects: list[str] | None = None,
+    run_id: str | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    from dreamfleet.data.manifest import Manifest
+    from dreamfleet.registry import Registry
+
+    t0 = time.perf_counter()
+    # Workers run in other processes and on other nodes: never hand them a relative path.
+    manifest_uri = _absolute(manifest_uri)
+    registry_uri = _absolute(registry_uri)
+    manifest = Manifest.open(manifest_uri)
+    chosen = select_subjects(manifest, subjects)
+    registry = Registry(registry_uri)
+    skipped = []
+    if not fan.retrain:
+        for sid in chosen:
+            st = registry.get_state(sid)
+            if registry.latest(sid) and (st is None or st.state == "done"):
+                skipped.append(sid)
+    todo = [s for s in chosen if s not in set(skipped)]
+    run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    class_cache = fan.class_cache or (str(Path(registry.root) / "class-images") if registry.is_local else None)
+    registry.write_run(run_id, {
+        "manifest": manifest_uri, "base_model": base_model, "subjects": chosen, "skipped": skipped,
+        "train_config": to_dict(train_cfg), "fanout": to_dict(fan), "code_version": code_version(),
+        "started_at": _now(), "state": "running", "ray_address": fan.address or os.environ.get("RAY_ADDRESS"),
+        "job_id": os.environ.get("RAY_JOB_ID") or os.environ.get("DREAMFLEET_JOB_ID"),
+    })
+    for sid in todo:
+        record = manifest.record(sid)
+        registry.update_state(sid, state="queued", run_id=run_id, error=None, attempts=0,
+                              class_noun=record.class_noun, tenant=record.tenant)
+    if skipped:
+        log.info("skipping %d finished subject(s): %s", len(skipped), ", ".join(skipped[:10]))
+    generated = 0
+    if todo:
+        connect_ray(fan.address)
+        if train_cfg.with_prior_preservation:
+            generated = pregenerate_class_images(manifest, todo, base_model, train_cfg, class_cache)
+        _run_groups(manifest_uri, registry, base_model, train_cfg, fan, todo, run_id, class_cache, progress)
+    states = {sid: registry.get_state(sid) for sid in todo}
+    done = [s for s, st in states.items() if st and st.state == "done"]
+    failed = {s: (st.error if st else "no state") or "unknown" for s, st in states.items() if s not in set(done)}
+    summary = RunSummary(run_id, done, failed, skipped, time.perf_counter() - t0, generated)
+    registry.update_run(run_id, state="finished", finished_at=_now(), done=done, failed=failed,
+                        wall_time_s=round(summary.wall_time_s, 2), class_images_generated=generated)
+    return summary
+
+
+def _now() -> str:
+    from dreamfleet.registry.store import now
+
+    return now()
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
+def _run_groups(manifest_uri, registry, base_model, train_cfg, fan: FanoutConfig, todo, run_id, class_cache, progress):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dreamfleet.control.queue import SubjectQueue
+    from dreamfleet.trainers.runtime import GroupConfig, fanout_worker
+
+    queue_name = f"dreamfleet-queue-{run_id}"
+    queue = ray.remote(num_cpus=0)(SubjectQueue).options(name=queue_name, namespace=NAMESPACE).remote(
+        registry.uri, todo, fan.max_retries
+    )
+    n_groups = min(fan.max_concurrent, len(todo))
+    resources = {"CPU": fan.cpus_per_worker, **({"GPU": fan.gpus_per_worker} if fan.gpus_per_worker else {})}
+    max_failures = (fan.max_retries + 1) * len(todo)
+
+    def run_group(group: int) -> None:
+        gc = GroupConfig(
+            run_id=run_id, group=group, queue_name=queue_name, namespace=NAMESPACE, manifest=manifest_uri,
+            registry=registry.uri, base_model=base_model, train_config=to_dict(train_cfg),
+            zero_stage=fan.zero_stage, offload=fan.offload, class_cache=class_cache,
+        )
+        trainer = TorchTrainer(
+            fanout_worker,
+            train_loop_config=dataclasses.asdict(gc),
+            scaling_config=ScalingConfig(num_workers=fan.workers_per_subject, use_gpu=fan.gpus_per_worker > 0,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=f"{run_id}-g{group}-{uuid.uuid4().hex[:4]}",
+                storage_path=registry.checkpoint_storage,
+                failure_config=FailureConfig(max_failures=max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # the group gave up; its leased subject is retried elsewhere or failed
+            log.error("worker group %d stopped: %s", group, e)
+            ray.get(queue.group_exited.remote(group, f"worker group failed: {type(e).__name__}: {e}"))
+
+    bar = _ProgressBar(len(todo), progress)
+    try:
+        for _ in range(1 + fan.max_retries):  # relaunch groups while retriable work remains
+            threads = [threading.Thread(target=run_group, args=(g,), daemon=True) for g in range(n_groups)]
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads):
+                bar.update(ray.get(queue.progress.remote()))
+                time.sleep(1.0)
+            if ray.get(queue.remaining.remote()) == 0:
+                break
+        for sid in ray.get(queue.progress.remote())["pending"]:
+            registry.update_state(sid, state="failed", error="no worker group could train it (see the run's logs)")
+        bar.update(ray.get(queue.progress.remote()))
+    finally:
+        bar.close()
+        ray.kill(queue)
+
+
+class _ProgressBar:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            # disable=None: no bar when stderr is not a terminal (CI logs, Ray jobs)
+            self.bar = tqdm(total=total, desc="subjects", unit="subject", dynamic_ncols=True, disable=None)
+
+    def update(self, progress: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        finished = len(progress["done"]) + len(progress["failed"])
+        self.bar.n = finished
+        self.bar.set_postfix(done=len(progress["done"]), failed=len(progress["failed"]),
+                             training=len(progress["training"]))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- class images, with Ray Data
+
+
+class _ClassImageGenerator:
+    """A Ray Data actor: loads the base model once, generates class images by index."""
+
+    def __init__(self, base_model: str, cache_root: str | None):
+        from dreamfleet.core.models import load_base
+        from dreamfleet.trainers.class_images import ClassImageCache
+
+        self.base = load_base(base_model, fresh=False)
+        self.cache = ClassImageCache(cache_root)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
+
+        out = []
+        for req_json, indices_json in zip(batch["request"], batch["indices"], strict=True):
+            req = ClassImageRequest(**json.loads(req_json))
+            indices = json.loads(indices_json)
+            folder = self.cache.folder_for(self.base, req)
+            folder.mkdir(parents=True, exist_ok=True)
+            todo = [i for i in indices if not (folder / f"{i:05d}.png").is_file()]
+            if todo:
+                ClassImageCache._generate(self.base, req, todo, folder, None)
+            out.append(len(todo))
+        return {"generated": out}
+
+
+def pregenerate_class_images(manifest, subjects, base_model, train_cfg: TrainConfig, cache_root) -> int:
+    """Generate every missing class image of the run once per class, as a Ray Data batch job."""
+    import json
+
+    import ray
+
+    from dreamfleet.core.models import load_base
+    from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
+    from dreamfleet.trainers.runtime import subject_config
+
+    base = load_base(base_model, fresh=False)
+    cache = ClassImageCache(cache_root)
+    requests: dict[str, ClassImageRequest] = {}
+    for sid in subjects:
+        record = manifest.record(sid)
+        try:
+            c = subject_config(to_dict(train_cfg), record).resolve(native_resolution=base.resolution)
+        except ConfigError:
+            continue  # reported when the subject trains
+        if not c.with_prior_preservation:
+            continue
+        req = ClassImageRequest(c.class_prompt.format(class_noun=record.class_noun, identifier=""), c.resolution,
+                                c.num_class_images, c.class_generation_steps, c.class_guidance_scale)
+        key = req.key(base) + str(req.count)
+        if key not in requests or requests[key].count < req.count:
+            requests[key] = req
+    rows = []
+    for req in requests.values():
+        folder = cache.folder_for(base, req)
+        missing = [i for i in range(req.count) if not (folder / f"{i:05d}.png").is_file()]
+        for start in range(0, len(missing), 8):
+            rows.append({"request": json.dumps(dataclasses.asdict(req)), "indices": json.dumps(missing[start:start + 8])})
+    if not rows:
+        return 0
+    log.info("generating class images for %d class(es) with Ray Data (%d chunks)", len(requests), len(rows))
+    ds = ray.data.from_items(rows).map_batches(
+        _ClassImageGenerator, fn_constructor_args=(base_model, cache_root), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+    )
+    generated = sum(int(r["generated"]) for r in ds.take_all())
+    for req in requests.values():  # record the cache metadata (a full hit now)
+        cache.ensure(base, req)
+    return generated

@@ -1,0 +1,1 @@
+"""Subject manifests: WebDataset shards of subject clusters plus a Parquet index (see manifests/README.md)."""

@@ -1,0 +1,374 @@
+"""The registry of per-subject experts, on any filesystem ``pyarrow.fs`` opens.
+
+Layout (all paths relative to the registry root)::
+
+    registry.json                         format marker and version
+    subjects/<id>/state.json              queued | training | done | failed, step, loss, error, attempts
+    subjects/<id>/versions/v0001/...      immutable expert folders; expert.json is written last
+    subjects/<id>/latest                  the published version, e.g. "v0002"
+    runs/<run_id>.json                    one file per training run (manifest, base model, subjects)
+    checkpoints/                          Ray Train checkpoint storage of running fine-tunes
+
+Readers never see a half-written expert: a version folder counts only once its
+``expert.json`` exists, and ``latest`` is replaced in one write after the version is
+complete, only for a successful run. Version numbers are allocated under a lock file on
+local (and NFS) registries, so concurrent orchestrators never collide; on object stores
+(s3://, gs://) a collision is detected by re-reading and the next number is taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from dreamfleet.core.errors import DataError, DreamfleetError
+from dreamfleet.core.expert import EXPERT_FILE, ExpertInfo
+from dreamfleet.core.ids import validate_subject_id
+
+log = logging.getLogger("dreamfleet")
+
+REGISTRY_FORMAT = "dreamfleet-registry"
+REGISTRY_VERSION = 1
+STATES = ("queued", "training", "done", "failed")
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class SubjectState:
+    subject_id: str
+    state: str = "queued"
+    run_id: str | None = None
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    loss_instance: float | None = None
+    loss_prior: float | None = None
+    recent_losses: list[float] = field(default_factory=list)
+    attempts: int = 0
+    error: str | None = None
+    version: str | None = None
+    checkpoint: str | None = None
+    checkpoint_step: int | None = None
+    worker: dict[str, Any] = field(default_factory=dict)
+    class_noun: str | None = None
+    tenant: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    updated_at: str = field(default_factory=now)
+
+    def __post_init__(self) -> None:
+        if self.state not in STATES:
+            raise ValueError(f"unknown subject state {self.state!r}; one of {STATES}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SubjectState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the root path inside it, for a local path or a URI."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (OSError, ValueError) as e:  # pyarrow.lib.ArrowInvalid is a ValueError
+            raise DreamfleetError(f"registry {uri!r}: cannot open its filesystem ({e})") from None
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+class Registry:
+    def __init__(self, uri: str | os.PathLike, *, create: bool = True):
+        self.uri = str(uri)
+        self.fs, self.root = open_fs(self.uri)
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        marker = self._p("registry.json")
+        info = self.fs.get_file_info(marker)
+        if info.type == pafs.FileType.NotFound:
+            if not create:
+                raise DreamfleetError(f"{self.uri}: no registry here (no registry.json); check the path")
+            self.fs.create_dir(self.root, recursive=True)
+            self._write_json(marker, {"format": REGISTRY_FORMAT, "version": REGISTRY_VERSION, "created_at": now()})
+        else:
+            meta = self._read_json(marker)
+            if meta.get("format") != REGISTRY_FORMAT:
+                raise DreamfleetError(f"{self.uri}: registry.json is not a dreamfleet registry marker")
+            if int(meta.get("version", 0)) > REGISTRY_VERSION:
+                raise DreamfleetError(
+                    f"{self.uri}: registry format {meta['version']} is newer than this dreamfleet reads "
+                    f"({REGISTRY_VERSION}); upgrade dreamfleet"
+                )
+
+    # ------------------------------------------------------------------ paths and small files
+
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def subject_path(self, subject_id: str, *parts: str) -> str:
+        validate_subject_id(subject_id)
+        return self._p("subjects", subject_id, *parts)
+
+    @property
+    def checkpoint_storage(self) -> str:
+        """Where Ray Train persists checkpoints (a path or URI Ray understands)."""
+        if self.is_local:
+            return self._p("checkpoints")
+        return self.uri.rstrip("/") + "/checkpoints"
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def _read_json(self, path: str) -> Any:
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+
+    def _write_json(self, path: str, obj: Any) -> None:
+        """Atomic on local filesystems (write + rename); a single PUT on object stores."""
+        data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+
+    @contextlib.contextmanager
+    def _lock(self, subject_id: str) -> Iterator[None]:
+        if not self.is_local:
+            yield
+            return
+        from filelock import FileLock
+
+        path = self.subject_path(subject_id)
+        os.makedirs(path, exist_ok=True)
+        with FileLock(f"{path}/.lock", timeout=120):
+            yield
+
+    # ------------------------------------------------------------------ subject states
+
+    def get_state(self, subject_id: str) -> SubjectState | None:
+        path = self.subject_path(subject_id, "state.json")
+        if not self._exists(path):
+            return None
+        try:
+            return SubjectState.from_dict(self._read_json(path))
+        except (ValueError, TypeError) as e:
+            log.warning("registry: unreadable state for subject %r (%s)", subject_id, e)
+            return None
+
+    def set_state(self, st: SubjectState) -> SubjectState:
+        st.updated_at = now()
+        self._write_json(self.subject_path(st.subject_id, "state.json"), dataclasses.asdict(st))
+        return st
+
+    def update_state(self, subject_id: str, **changes: Any) -> SubjectState:
+        st = self.get_state(subject_id) or SubjectState(subject_id)
+        for key, value in changes.items():
+            if not hasattr(st, key):
+                raise AttributeError(f"SubjectState has no field {key!r}")
+            setattr(st, key, value)
+        if st.state not in STATES:
+            raise ValueError(f"unknown subject state {st.state!r}")
+        return self.set_state(st)
+
+    def subjects(self) -> list[str]:
+        base = self._p("subjects")
+        if not self._exists(base):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=False))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+
+    def states(self) -> dict[str, SubjectState]:
+        out = {}
+        for sid in self.subjects():
+            st = self.get_state(sid)
+            if st is None and self.latest(sid):
+                st = SubjectState(sid, state="done", version=self.latest(sid))
+            if st is not None:
+                out[sid] = st
+        return out
+
+    # ------------------------------------------------------------------ versions
+
+    def versions(self, subject_id: str) -> list[str]:
+        """Complete versions (those whose expert.json exists), oldest first."""
+        base = self.subject_path(subject_id, "versions")
+        if not self._exists(base):
+            return []
+        names = []
+        for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=False)):
+            is_version = info.type == pafs.FileType.Directory and VERSION_RE.match(info.base_name)
+            if is_version and self._exists(f"{base}/{info.base_name}/{EXPERT_FILE}"):
+                names.append(info.base_name)
+        return sorted(names, key=lambda v: int(v[1:]))
+
+    def latest(self, subject_id: str) -> str | None:
+        path = self.subject_path(subject_id, "latest")
+        if not self._exists(path):
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.read().decode().strip() or None
+
+    def _next_version(self, subject_id: str) -> str:
+        base = self.subject_path(subject_id, "versions")
+        taken = []
+        if self._exists(base):
+            for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=False)):
+                m = VERSION_RE.match(info.base_name.lstrip(".").split(".tmp")[0])
+                if m:
+                    taken.append(int(m.group(1)))
+        return f"v{max(taken, default=0) + 1:04d}"
+
+    def publish(self, subject_id: str, expert_dir: str | Path, *, set_latest: bool = True) -> str:
+        """Copy a finished expert folder in as a new version; move ``latest`` to it."""
+        expert_dir = Path(expert_dir)
+        if not (expert_dir / EXPERT_FILE).is_file():
+            raise DataError(f"{expert_dir}: not an expert folder (no {EXPERT_FILE}); nothing published")
+        with self._lock(subject_id):
+            version = self._next_version(subject_id)
+            final = self.subject_path(subject_id, "versions", version)
+            if self.is_local:
+                tmp = self.subject_path(subject_id, "versions", f".{version}.tmp-{uuid.uuid4().hex[:8]}")
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                shutil.copytree(expert_dir, tmp)
+                os.rename(tmp, final)
+            else:
+                self._upload_dir(expert_dir, final)
+            if set_latest:
+                self._write_text(self.subject_path(subject_id, "latest"), version)
+        return version
+
+    def _upload_dir(self, local: Path, dest: str) -> None:
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        # expert.json last: until it exists, the version is not complete for readers
+        files.sort(key=lambda p: p.name == EXPERT_FILE)
+        for path in files:
+            target = f"{dest}/{path.relative_to(local).as_posix()}"
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with open(path, "rb") as src, self.fs.open_output_stream(target) as out:
+                shutil.copyfileobj(src, out)
+
+    def _write_text(self, path: str, text: str) -> None:
+        if self.is_local:
+            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+            Path(tmp).write_text(text + "\n")
+            os.replace(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as f:
+                f.write((text + "\n").encode())
+
+    def resolve_version(self, subject_id: str, version: str | None = None) -> str:
+        if version in (None, "", "latest"):
+            version = self.latest(subject_id)
+            if version is None:
+                raise DataError(f"subject {subject_id!r} has no published expert in {self.uri}")
+        elif version not in self.versions(subject_id):
+            raise DataError(
+                f"subject {subject_id!r} has no version {version!r}; versions: {', '.join(self.versions(subject_id)) or 'none'}"
+            )
+        return version
+
+    def expert_info(self, subject_id: str, version: str | None = None) -> ExpertInfo:
+        version = self.resolve_version(subject_id, version)
+        return ExpertInfo.read(self.fetch(subject_id, version))
+
+    def fetch(self, subject_id: str, version: str | None = None, *, cache_dir: str | Path | None = None) -> Path:
+        """A local folder holding the expert: the registry's own on local disk, a cached download otherwise."""
+        version = self.resolve_version(subject_id, version)
+        remote = self.subject_path(subject_id, "versions", version)
+        if self.is_local:
+            return Path(remote)
+        cache = Path(cache_dir or Path(tempfile.gettempdir()) / "dreamfleet-experts")
+        local = cache / re.sub(r"[^A-Za-z0-9._-]+", "_", self.uri) / subject_id / version
+        if not (local / EXPERT_FILE).is_file():
+            tmp = local.with_name(f".{version}.{uuid.uuid4().hex[:8]}")
+            infos = self.fs.get_file_info(pafs.FileSelector(remote, recursive=True))
+            for info in infos:
+                if info.type == pafs.FileType.File:
+                    target = tmp / info.path[len(remote) + 1:]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with self.fs.open_input_stream(info.path) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, local) if not local.exists() else shutil.rmtree(tmp, ignore_errors=True)
+        return local
+
+    def download(self, rel_path: str, local: str | Path) -> Path:
+        """Copy a folder of the registry (e.g. a Ray Train checkpoint under ``checkpoints/``) to local disk."""
+        src = self._p(*rel_path.strip("/").split("/"))
+        if self.fs.get_file_info(src).type != pafs.FileType.Directory:
+            raise DataError(f"{self.uri}: no folder {rel_path!r}")
+        local = Path(local)
+        for info in self.fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+            if info.type == pafs.FileType.File:
+                target = local / info.path[len(src) + 1:]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with self.fs.open_input_stream(info.path) as f, open(target, "wb") as out:
+                    shutil.copyfileobj(f, out)
+        return local
+
+    def delete(self, subject_id: str, version: str | None = None) -> list[str]:
+        """Delete one version (moving ``latest`` back to the newest remaining) or the whole subject."""
+        if subject_id not in self.subjects():
+            raise DataError(f"subject {subject_id!r} is not in the registry {self.uri}")
+        with self._lock(subject_id):
+            if version is None:
+                removed = self.versions(subject_id)
+                self.fs.delete_dir(self.subject_path(subject_id))
+                return removed
+            version = self.resolve_version(subject_id, version)
+            self.fs.delete_dir(self.subject_path(subject_id, "versions", version))
+            remaining = self.versions(subject_id)
+            if self.latest(subject_id) == version:
+                if remaining:
+                    self._write_text(self.subject_path(subject_id, "latest"), remaining[-1])
+                else:
+                    self.fs.delete_file(self.subject_path(subject_id, "latest"))
+            return [version]
+
+    # ------------------------------------------------------------------ runs
+
+    def write_run(self, run_id: str, data: dict[str, Any]) -> None:
+        self._write_json(self._p("runs", f"{run_id}.json"), {**data, "run_id": run_id, "updated_at": now()})
+
+    def update_run(self, run_id: str, **changes: Any) -> dict[str, Any]:
+        data = self.run(run_id) or {}
+        data.update(changes)
+        self.write_run(run_id, data)
+        return data
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        path = self._p("runs", f"{run_id}.json")
+        return self._read_json(path) if self._exists(path) else None
+
+    def runs(self) -> list[dict[str, Any]]:
+        base = self._p("runs")
+        if not self._exists(base):
+            return []
+        out = []
+        for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=False)):
+            if info.base_name.endswith(".json") and not info.base_name.startswith("."):
+                with contextlib.suppress(ValueError, OSError):
+                    out.append(self._read_json(info.path))
+        return sorted(out, key=lambda r: r.get("started_at", ""))

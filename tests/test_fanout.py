@@ -1,0 +1,130 @@
+"""The fan-out on a local CPU Ray: ZeRO-2/3 worker groups, failures, resume, restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import fast_config, subject_folder
+
+from dreamfleet.control.orchestrator import FanoutConfig, run_fanout
+from dreamfleet.data.manifest import Manifest, build_from_folders
+from dreamfleet.registry import Registry
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("fanout")
+    src = root / "src"
+    for i, name in enumerate(["dog1", "dog2", "cat1", "broken"]):
+        subject_folder(src, name, n=3, seed=i)
+    (src / "classes.csv").write_text("subject_id,class_noun\ndog1,dog\ndog2,dog\ncat1,cat\nbroken,dog\n")
+    out = root / "manifest"
+    from dreamfleet.data.build import BuildConfig
+
+    build_from_folders(src, src / "classes.csv", out, BuildConfig(min_side=32))
+    # Corrupt the stored bytes of one subject after the build: its content hash no longer matches.
+    rec = Manifest.open(out).record("broken")
+    shard = out / rec.shards[0]
+    data = bytearray(shard.read_bytes())
+    start = rec.shard_offsets[0] + 600
+    data[start:start + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    return str(out)
+
+
+def cfg(**kw):
+    return fast_config(checkpoint_every=4, **kw)
+
+
+def test_zero2_two_workers_each_and_a_broken_subject_fails_alone(manifest, tmp_path):
+    reg_uri = str(tmp_path / "reg")
+    summary = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=8),
+                         FanoutConfig(workers_per_subject=2, zero_stage=2), progress=False)
+    assert sorted(summary.done) == ["cat1", "dog1", "dog2"]
+    assert list(summary.failed) == ["broken"] and "broken" in summary.failed["broken"]
+    assert "hash" in summary.failed["broken"]
+    reg = Registry(reg_uri)
+    st = reg.get_state("broken")
+    assert st.state == "failed" and st.attempts == 1  # data errors are not retried
+    for sid in summary.done:
+        info = reg.expert_info(sid)
+        assert info.train_stats["world_size"] == 2 and info.train_stats["zero_stage"] == 2
+        assert reg.get_state(sid).state == "done" and reg.latest(sid) == "v0001"
+    assert summary.class_images_generated == 8  # 4 dog + 4 cat, once per class
+    run = reg.run(summary.run_id)
+    assert run["state"] == "finished" and run["failed"] == {"broken": summary.failed["broken"]}
+
+    # A driver restart (the same command again) skips the finished subjects.
+    again = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=8),
+                       FanoutConfig(workers_per_subject=2, zero_stage=2), subjects=["dog1", "cat1"], progress=False)
+    assert sorted(again.skipped) == ["cat1", "dog1"] and again.done == []
+    assert reg.versions("dog1") == ["v0001"]
+
+
+def test_zero3_expert_loads_into_plain_diffusers(manifest, tmp_path):
+    reg_uri = str(tmp_path / "reg")
+    summary = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=4, method="full"),
+                         FanoutConfig(workers_per_subject=2, zero_stage=3), subjects=["dog1"], progress=False)
+    assert summary.done == ["dog1"]
+    expert = Registry(reg_uri).fetch("dog1")
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from dreamfleet.core.models import load_base
+
+    base = load_base("tiny-random")
+    base.save_pretrained(tmp_path / "sd")
+    unet = UNet2DConditionModel.from_pretrained(expert / "unet")
+    full = dict(unet.state_dict())
+    assert all(v.numel() > 0 for v in full.values())  # consolidated, not ZeRO-3 shards
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", unet=unet, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    tuned = pipe("a dog", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.unet = base.unet
+    plain = pipe("a dog", generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(tuned - plain).max() > 1e-4
+
+
+def test_killed_worker_resumes_from_checkpoint(manifest, tmp_path):
+    reg_uri = str(tmp_path / "reg")
+    reg = Registry(reg_uri)
+    steps = 400
+    train_cfg = fast_config(steps=steps, checkpoint_every=20, with_prior_preservation=False)
+    result: dict = {}
+
+    def run():
+        result["summary"] = run_fanout(manifest, reg_uri, "tiny-random", train_cfg,
+                                       FanoutConfig(workers_per_subject=2, zero_stage=0, max_retries=2),
+                                       subjects=["cat1"], progress=False)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = None
+    deadline = time.time() + 240
+    while time.time() < deadline and thread.is_alive():
+        st = reg.get_state("cat1")
+        if st and st.state == "training" and (st.checkpoint_step or 0) >= 20 and st.step < steps - 100:
+            killed = st.worker["pids"][1]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    assert killed is not None, "never saw a checkpoint of the running subject"
+    thread.join(600)
+    summary = result["summary"]
+    assert summary.done == ["cat1"], summary.failed
+    info = reg.expert_info("cat1")
+    assert info.train_stats["attempt"] == 2
+    assert info.train_stats["resumed_from"] is not None and info.train_stats["resumed_from"] >= 20
+    # not retrained from step 0: the steps executed in both attempts add up to far less than twice the run
+    assert info.train_stats["steps_executed"] < 2 * steps - 20
+    assert len(info.train_stats) and Path(reg.fetch("cat1")).is_dir()

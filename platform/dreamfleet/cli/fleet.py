@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--version")
     ed.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     ed.set_defaults(handler=run_experts_delete)
+    register_jobs(sub)
 
 
 def resolve_configs(args: argparse.Namespace):
@@ -140,3 +142,108 @@ def run_experts_delete(args: argparse.Namespace) -> int:
     removed = reg.delete(args.subject, args.version)
     print(f"deleted {args.subject}: {', '.join(removed) or 'no versions'}")
     return 0
+
+
+# --------------------------------------------------------------------------- cluster jobs
+
+
+def register_jobs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="submit a fan-out run to a Ray cluster as a Ray Job; prints the job id",
+        description=(
+            "Submits `dreamfleet train MANIFEST --out REGISTRY ...` to the cluster's Job Submission API "
+            "(the head's dashboard address, e.g. http://HEAD:8265). The manifest and the registry must be "
+            "on storage every node reaches (s3://, gs://, NFS). Options after the known ones are passed "
+            "through to `dreamfleet train`."
+        ),
+    )
+    p.add_argument("manifest")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--out", required=True, help="registry URI (shared storage)")
+    p.add_argument("--python", default="python", help="python executable on the cluster")
+    p.add_argument("--working-dir", help="ship this folder to the cluster as the job's working_dir")
+    p.add_argument("--pip", help="comma-separated extra pip requirements for the job's runtime env")
+    p.add_argument("--job-id", help="submission id (default: dreamfleet-<time>-<random>)")
+    p.set_defaults(handler=run_submit)
+
+    s = sub.add_parser("status", help="a submitted run: job status and per-subject progress")
+    s.add_argument("job_id")
+    s.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    s.add_argument("--registry", help="registry URI (default: the one recorded at submission)")
+    s.add_argument("--logs", action="store_true", help="also print the job's driver log tail")
+    s.set_defaults(handler=run_status)
+
+
+def _client(address: str):
+    # Ray clusters use token authentication by default; send the local token when there is one.
+    # (Before importing ray: it reads the mode once.)
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.job_submission import JobSubmissionClient
+
+    from dreamfleet.core.errors import DreamfleetError
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # connection refused, bad URL, auth
+        raise DreamfleetError(f"cannot reach the Ray Job API at {address} ({e}); is the head's dashboard up?") from None
+
+
+def run_submit(args: argparse.Namespace, passthrough: list[str] | None = None) -> int:
+    import shlex
+    import time
+    import uuid
+
+    passthrough = passthrough if passthrough is not None else getattr(args, "passthrough", [])
+    job_id = args.job_id or time.strftime("dreamfleet-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    cmd = [args.python, "-m", "dreamfleet.cli.main", "train", args.manifest, "--out", args.out,
+           "--run-id", job_id, *passthrough]
+    runtime_env: dict = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false",
+                                      "DREAMFLEET_JOB_ID": job_id}}
+    if args.working_dir:
+        runtime_env["working_dir"] = args.working_dir
+    if args.pip:
+        runtime_env["pip"] = [p.strip() for p in args.pip.split(",") if p.strip()]
+    client = _client(args.address)
+    submitted = client.submit_job(
+        entrypoint=shlex.join(cmd), submission_id=job_id, runtime_env=runtime_env,
+        metadata={"dreamfleet_registry": args.out, "dreamfleet_manifest": args.manifest},
+    )
+    print(submitted)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from dreamfleet.registry import Registry
+
+    client = _client(args.address)
+    info = client.get_job_info(args.job_id)
+    registry_uri = args.registry or (info.metadata or {}).get("dreamfleet_registry")
+    print(f"job {args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    if registry_uri:
+        reg = Registry(registry_uri, create=False)
+        run = reg.run(args.job_id)
+        if run is None:
+            print(f"  run not started yet in {registry_uri}")
+        else:
+            subjects = run.get("subjects", [])
+            rows = []
+            for sid in subjects:
+                st = reg.get_state(sid)
+                if sid in run.get("skipped", []):
+                    rows.append([sid, "skipped", "-", "-", ""])
+                elif st is None:
+                    rows.append([sid, "?", "-", "-", ""])
+                else:
+                    loss = f"{st.loss:.4f}" if st.loss is not None else "-"
+                    rows.append([sid, st.state, f"{st.step}/{st.total_steps or '?'}", loss, (st.error or "")[:60]])
+            counts: dict[str, int] = {}
+            for r in rows:
+                counts[r[1]] = counts.get(r[1], 0) + 1
+            print("  " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+            print(_table(rows, ["SUBJECT", "STATE", "STEP", "LOSS", "ERROR"]))
+    if args.logs:
+        print(client.get_job_logs(args.job_id)[-5000:])
+    return 0 if str(info.status) not in ("FAILED", "JobStatus.FAILED") else 1

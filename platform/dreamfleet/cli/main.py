@@ -49,7 +49,11 @@ def setup_logging(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) != "submit":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.passthrough = extra  # `submit` hands unknown options on to `dreamfleet train`
     setup_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)

@@ -72,7 +72,9 @@ def connect_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    env: dict | None = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        env = None  # a Ray Job's driver: the job's runtime env (set by `dreamfleet submit`) applies
     if address:
         ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False)
     else:

@@ -1,0 +1,98 @@
+"""Cluster submission: a real `ray start --head` on 127.0.0.1 and the Ray Job Submission API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import subject_folder
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dreamfleet(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dreamfleet.cli.main", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+           "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+    proc = subprocess.Popen(cmd, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env=env)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if dreamfleet("status", "none", "--address", address).stderr.find("cannot reach") == -1:
+            break
+        time.sleep(2)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_submit_to_ray_head_and_wait_for_experts(ray_head, tmp_path):
+    src = tmp_path / "src"
+    for i, name in enumerate(["dog1", "cat1"]):
+        subject_folder(src, name, n=3, seed=i)
+    (src / "classes.csv").write_text("subject_id,class_noun\ndog1,dog\ncat1,cat\n")
+    r = dreamfleet("manifest", "build", "--from-folders", str(src), "--out", str(tmp_path / "man"), "--min-side", "32")
+    assert r.returncode == 0, r.stderr
+    r = dreamfleet("submit", str(tmp_path / "man"), "--address", ray_head, "--out", str(tmp_path / "reg"),
+                   "--python", sys.executable, "--steps", "3", "--num-class-images", "2",
+                   "--class-generation-steps", "2", "--validation-inference-steps", "2", "--num-validation-images", "1")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("dreamfleet-")
+    deadline = time.time() + 300
+    status = None
+    while time.time() < deadline:
+        status = dreamfleet("status", job_id, "--address", ray_head)
+        if "SUCCEEDED" in status.stdout or "FAILED" in status.stdout:
+            break
+        time.sleep(3)
+    assert "SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    assert "2 done" in status.stdout
+    from dreamfleet.registry import Registry
+
+    reg = Registry(tmp_path / "reg")
+    assert reg.latest("dog1") == "v0001" and reg.latest("cat1") == "v0001"
+    assert reg.run(job_id)["state"] == "finished"
+
+
+def test_cluster_yamls_parse_and_name_the_entrypoint():
+    docs = {p.name: list(yaml.safe_load_all(p.read_text())) for p in (REPO / "cluster").glob("*.yaml")}
+    assert {"raycluster.yaml", "rayjob.yaml", "ray-up.yaml"} <= set(docs)
+    cluster = docs["raycluster.yaml"][0]
+    assert cluster["kind"] == "RayCluster"
+    groups = cluster["spec"]["workerGroupSpecs"]
+    assert any(
+        c["resources"]["limits"].get("nvidia.com/gpu") for g in groups for c in g["template"]["spec"]["containers"]
+    )
+    job = docs["rayjob.yaml"][0]
+    assert job["kind"] == "RayJob" and "dreamfleet train" in job["spec"]["entrypoint"]
+    assert "s3://" in job["spec"]["entrypoint"]
+    up = docs["ray-up.yaml"][0]
+    assert up["cluster_name"] and "dreamfleet" in " ".join(up.get("setup_commands", []))

@@ -28,6 +28,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/fanout_overhead.py --subjects 1 8 32 --steps 10
+	$(BIN)/python benchmarks/manifest_scale.py --subjects 10000 --images 4 --repeats 7 --builds 3 --shard-size-mb 256
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

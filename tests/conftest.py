@@ -24,7 +24,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1",
                  namespace="dreamfleet", runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
     yield ray
     ray.shutdown()

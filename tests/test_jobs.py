@@ -37,7 +37,8 @@ def ray_head(tmp_path):
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
            "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
-    proc = subprocess.Popen(cmd, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 (outlives this block, closed at teardown)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env=env)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -51,6 +52,7 @@ def ray_head(tmp_path):
         proc.wait(30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
 
 
 def test_submit_to_ray_head_and_wait_for_experts(ray_head, tmp_path):

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     images_dir, class_noun = _find_images(args)
     load_subject_images(images_dir)  # fail fast, on the driver, with a clear message
     print(f"subject photos: {images_dir} (class '{class_noun}')")
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     try:
         task = ray.remote(num_cpus=args.num_cpus)(_train_remote)
         expert_dir, info = ray.get(task.remote(str(images_dir), class_noun, args.base_model, args.steps, str(out)))

@@ -78,7 +78,8 @@ def connect_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
+        # address="local": always a new embedded instance, never a stale `ray start` cluster
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
                  runtime_env=env, log_to_driver=False, configure_logging=False)
     return True
 

@@ -192,8 +192,15 @@ def build_tiny_random() -> BaseModel:
     )
 
 
+def _load_toy() -> BaseModel:
+    # The toy world's pretrained model (dreamfleet.toy), imported only when asked for.
+    from dreamfleet.toy.model import load_toy
+
+    return load_toy()
+
+
 # Named built-in models; later components (the toy world) register theirs here.
-BUILTIN_MODELS: dict[str, Callable[[], BaseModel]] = {"tiny-random": build_tiny_random}
+BUILTIN_MODELS: dict[str, Callable[[], BaseModel]] = {"tiny-random": build_tiny_random, "toy": _load_toy}
 
 
 # --------------------------------------------------------------------------- folders and hub
@@ -340,6 +347,27 @@ def _load(spec: str, dtype: torch.dtype | None = None) -> BaseModel:
         f"base model {spec!r} not found: it is not a built-in model ({', '.join(BUILTIN_MODELS)}), "
         "not an existing folder, and not a hub id of the form org/name"
     )
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(spec: str):
+    """Only the tokenizer of a base model (what a router needs to check prompt lengths)."""
+    if spec == "tiny-random":
+        from dreamfleet.core.tokenizer import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    path = Path(spec).expanduser()
+    if not path.exists() and spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec]().tokenizer
+    if not path.exists() and spec.count("/") == 1:
+        repo, _, revision = spec.partition("@")
+        path = resolve_hub(repo, revision or None)
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{spec}: cannot load its tokenizer ({e})") from None
 
 
 def load_base(spec: str, *, dtype: torch.dtype | None = None, fresh: bool = True) -> BaseModel:

@@ -220,13 +220,16 @@ def save_checkpoint(checkpoint_dir: Path, step: int, engine: Engine, history: li
     final = checkpoint_dir / f"step-{step:08d}"
     with atomic_dir(final, overwrite=True) as tmp:
         engine.save(tmp, is_main=is_main)
-        write_json(tmp / "state.json", {"step": step, "history": history})
+        # Only rank 0 writes the shared files: a distributed runtime merges every rank's
+        # checkpoint folder into one, and two ranks' state.json would collide there.
+        if is_main:
+            write_json(tmp / "state.json", {"step": step, "history": history})
     return final
 
 
 def load_checkpoint(path: Path, engine: Engine) -> tuple[int, list[dict]]:
+    state = read_json(path / "state.json")  # first: a corrupt checkpoint fails before touching weights
     engine.load(path)
-    state = read_json(path / "state.json")
     return int(state["step"]), list(state["history"])
 
 
@@ -266,11 +269,16 @@ def run_loop(
     engine = engine or LocalEngine(objective, s)
 
     start, history, resumed_from = 0, [], None
-    existing = list_checkpoints(checkpoint_dir)
-    if existing:
-        resumed_from, path = existing[-1]
-        start, history = load_checkpoint(path, engine)
+    for step_no, path in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            start, history = load_checkpoint(path, engine)
+        except Exception as e:  # an unreadable checkpoint: fall back to the one before it
+            log.warning("%s: checkpoint %s is unreadable (%s: %s); trying an older one",
+                        s.description, path, type(e).__name__, e)
+            continue
+        resumed_from = step_no
         log.info("resuming %s from checkpoint step %d (%s)", s.description, start, path)
+        break
 
     t0 = time.perf_counter()
     step_time = 0.0

@@ -1,0 +1,139 @@
+"""`dreamfleet serve` and `dreamfleet keys`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import socket
+
+from dreamfleet.core import config as C
+
+log = logging.getLogger("dreamfleet")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from dreamfleet.serving.config import ServeConfig
+
+    p = sub.add_parser(
+        "serve",
+        help="serve every expert of a registry over HTTP with Ray Serve",
+        description=(
+            "Starts (or deploys to --address) a Ray Serve application that generates images with the "
+            "experts of --registry: POST /v1/generate, POST /v1/images/generations (OpenAI-compatible), "
+            "GET /v1/subjects, /healthz, /metrics. Without API keys (see `dreamfleet keys`) it only binds "
+            "a loopback address unless --insecure is given."
+        ),
+    )
+    p.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    p.add_argument("--detach", action="store_true", help="deploy and return (the app keeps running on the cluster)")
+    C.add_arguments(p, ServeConfig)
+    p.set_defaults(handler=run_serve)
+
+    k = sub.add_parser("keys", help="create, list or revoke API keys of the serving layer")
+    ksub = k.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    kc = ksub.add_parser("create", help="create a key for a tenant; the key is printed once")
+    kc.add_argument("--registry", required=True)
+    kc.add_argument("--keys", help="keys file (default: <registry>/serving/keys.json)")
+    kc.add_argument("--tenant", help="the tenant (owner) whose subjects this key may use")
+    kc.add_argument("--admin", action="store_true", help="a key that may use every subject")
+    kc.add_argument("--name", default="", help="a label, e.g. the client's name")
+    kc.set_defaults(handler=run_keys_create)
+    kl = ksub.add_parser("list", help="key ids, tenants and state (never the keys themselves)")
+    kl.add_argument("--registry", required=True)
+    kl.add_argument("--keys")
+    kl.set_defaults(handler=run_keys_list)
+    kr = ksub.add_parser("revoke", help="revoke a key by id (takes effect without a restart)")
+    kr.add_argument("key_id")
+    kr.add_argument("--registry", required=True)
+    kr.add_argument("--keys")
+    kr.set_defaults(handler=run_keys_revoke)
+
+
+def _store(args):
+    from dreamfleet.serving.auth import KeyStore, default_keys_path
+
+    return KeyStore(args.keys or default_keys_path(args.registry))
+
+
+def run_keys_create(args: argparse.Namespace) -> int:
+    key, token = _store(args).create(args.tenant, admin=args.admin, name=args.name)
+    print(token)
+    print(f"key id {key.id}, tenant {key.tenant or '-'}{', admin' if key.admin else ''}: "
+          "store the key now, it is not shown again", flush=True)
+    return 0
+
+
+def run_keys_list(args: argparse.Namespace) -> int:
+    for key in _store(args).list_keys():
+        print(f"{key.id}  tenant={key.tenant or '-'}  admin={key.admin}  revoked={key.revoked}  "
+              f"created={key.created_at}  {key.name}")
+    return 0
+
+
+def run_keys_revoke(args: argparse.Namespace) -> int:
+    key = _store(args).revoke(args.key_id)
+    print(f"revoked {key.id} (tenant {key.tenant or '-'})")
+    return 0
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def check_binding(cfg) -> None:
+    from dreamfleet.core.errors import ConfigError
+    from dreamfleet.serving.auth import KeyStore, default_keys_path
+
+    keys = KeyStore(cfg.keys or default_keys_path(cfg.registry))
+    if not keys.enabled and not is_loopback(cfg.host) and not cfg.insecure:
+        raise ConfigError(
+            f"refusing to serve on {cfg.host} without API keys: anyone who reaches it could generate with "
+            "every subject. Create keys (`dreamfleet keys create --registry ... --tenant ...`), bind "
+            "127.0.0.1, or pass --insecure"
+        )
+
+
+def start(cfg, *, address: str | None = None, detach: bool = True):
+    """Deploy the app on Ray Serve; returns the base URL."""
+    import ray
+    from ray import serve
+
+    from dreamfleet.control.orchestrator import connect_ray
+    from dreamfleet.serving.app import build_app
+
+    if not ray.is_initialized():
+        connect_ray(address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
+    return f"http://{cfg.host}:{cfg.port}"
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from dreamfleet.registry import Registry
+    from dreamfleet.serving.config import ServeConfig
+
+    cfg = C.from_dict(ServeConfig, C.overrides_from_args(ServeConfig, args))
+    if not cfg.registry:
+        from dreamfleet.core.errors import ConfigError
+
+        raise ConfigError("pass --registry: the registry whose experts to serve")
+    cfg.registry = Registry(cfg.registry, create=False).uri
+    check_binding(cfg)
+    url = start(cfg, address=args.address)
+    print(f"serving {cfg.registry} at {url} (docs at {url}/docs, metrics at {url}/metrics)", flush=True)
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0

@@ -1,0 +1,1 @@
+"""Serving: Ray Serve routes generation requests to the right expert's weights."""

@@ -1,0 +1,39 @@
+"""The serving config: one dataclass for `dreamfleet serve` flags and the deployments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dreamfleet.core.config import cfg
+from dreamfleet.core.errors import ConfigError
+
+
+@dataclass
+class ServeConfig:
+    registry: str = cfg("", "registry folder or URI to serve experts from")
+    host: str = cfg("127.0.0.1", "HTTP bind address")
+    port: int = cfg(8000, "HTTP port")
+    replicas: int = cfg(1, "model replicas (each holds one base pipeline and an LRU of experts)")
+    max_models_per_replica: int = cfg(8, "experts kept loaded per replica (Ray Serve multiplexing LRU)")
+    host_cache_size: int = cfg(64, "experts kept in host memory per replica, so a swap does not touch the disk")
+    max_batch_size: int = cfg(8, "requests for the same expert batched into one pipeline call")
+    batch_wait_s: float = cfg(0.01, "how long a batch waits for more requests")
+    cpus_per_replica: float = cfg(0.0, "CPUs reserved per model replica (0: share the node)")
+    gpus_per_replica: float = cfg(0.0, "GPUs per model replica")
+    keys: str | None = cfg(None, "API keys file (default: <registry>/serving/keys.json on a local registry)")
+    insecure: bool = cfg(False, "allow binding a non-loopback address without API keys")
+    max_steps: int = cfg(100, "largest steps a request may ask for")
+    max_images: int = cfg(8, "largest num_images / n")
+    min_side: int = cfg(64, "smallest width/height")
+    max_side: int = cfg(1024, "largest width/height")
+    max_body_bytes: int = cfg(1_000_000, "largest request body")
+    default_steps: int = cfg(25, "steps when a request does not say")
+    registry_ttl_s: float = cfg(2.0, "how long registry reads are cached; new experts appear within this")
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.max_models_per_replica < 1 or self.max_batch_size < 1:
+            raise ConfigError("replicas, max_models_per_replica and max_batch_size must be at least 1")
+        if self.min_side % 8 or self.max_side % 8 or self.min_side > self.max_side:
+            raise ConfigError("min_side and max_side must be multiples of 8 with min_side <= max_side")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")

@@ -1,0 +1,67 @@
+"""Request bodies: every field typed and bounded; a violation answers 422 naming the field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dreamfleet.serving.config import ServeConfig
+
+MAX_PROMPT_CHARS = 2000
+
+
+def request_models(cfg: ServeConfig):
+    """Pydantic models whose bounds come from the server's config."""
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        subject: str = Field(min_length=1, max_length=128, description="subject id of the expert")
+        prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
+                            description="'{subject}' or '[V]' is replaced by the expert's identifier and class noun")
+        num_images: int = Field(1, ge=1, le=cfg.max_images)
+        steps: int = Field(cfg.default_steps, ge=1, le=cfg.max_steps)
+        guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
+        seed: int | None = Field(None, ge=0, le=2**32 - 1)
+        width: int | None = Field(None, ge=cfg.min_side, le=cfg.max_side)
+        height: int | None = Field(None, ge=cfg.min_side, le=cfg.max_side)
+        version: str | None = Field(None, max_length=32)
+
+        @field_validator("width", "height")
+        @classmethod
+        def multiple_of_8(cls, v: int | None) -> int | None:
+            if v is not None and v % 8:
+                raise ValueError("must be a multiple of 8")
+            return v
+
+        @field_validator("prompt")
+        @classmethod
+        def not_blank(cls, v: str) -> str:
+            if not v.strip():
+                raise ValueError("must not be blank")
+            return v
+
+    class OpenAIImageRequest(BaseModel):
+        model_config = ConfigDict(extra="ignore", strict=True)
+
+        model: str = Field(min_length=1, max_length=128, description="subject id")
+        prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+        n: int = Field(1, ge=1, le=cfg.max_images)
+        size: str | None = Field(None, pattern=r"^\d{2,4}x\d{2,4}$")
+        response_format: Literal["b64_json"] = "b64_json"
+        seed: int | None = Field(None, ge=0, le=2**32 - 1)
+        steps: int | None = Field(None, ge=1, le=cfg.max_steps)
+
+        @field_validator("size")
+        @classmethod
+        def size_bounds(cls, v: str | None) -> str | None:
+            if v is None:
+                return v
+            w, h = (int(x) for x in v.split("x"))
+            for side in (w, h):
+                if side % 8 or not cfg.min_side <= side <= cfg.max_side:
+                    raise ValueError(f"sides must be multiples of 8 within [{cfg.min_side}, {cfg.max_side}]")
+            return v
+
+    return GenerateRequest, OpenAIImageRequest

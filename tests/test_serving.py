@@ -1,0 +1,241 @@
+"""The Serve app on a local Ray over HTTP: routing, OpenAI client, tenants, limits, hot experts, load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from helpers import fast_config, picture
+from PIL import Image
+
+from dreamfleet.core.expert import ExpertInfo
+from dreamfleet.registry import Registry
+from dreamfleet.serving.auth import KeyStore
+from dreamfleet.serving.config import ServeConfig
+from dreamfleet.trainers.class_images import ClassImageCache
+from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+GEN = {"steps": 3, "seed": 7, "width": 64, "height": 64}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(tmp: Path, sid: str, seed: int, tenant: str | None, method: str = "lora") -> Path:
+    subject = SubjectData(sid, "dog", [picture(seed * 10 + i) for i in range(3)], tenant=tenant)
+    cfg = fast_config(steps=6, learning_rate=5e-2 if method == "lora" else 5e-3, method=method, seed=seed)
+    return train_subject(subject, "tiny-random", cfg, tmp / "experts" / sid,
+                         class_cache=ClassImageCache(tmp / "cache"), progress=False).expert_dir
+
+
+def clone_expert(src: Path, dest: Path, sid: str, tenant: str | None) -> Path:
+    """A real expert's weights under another subject id (for the load test's 20 experts)."""
+    shutil.copytree(src, dest)
+    info = json.loads((dest / "expert.json").read_text())
+    info.update(subject_id=sid, tenant=tenant)
+    (dest / "expert.json").write_text(json.dumps(info))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from ray import serve
+
+    from dreamfleet.serving.app import build_app
+
+    tmp = tmp_path_factory.mktemp("serving")
+    reg = Registry(tmp / "reg")
+    experts = {"alpha": train(tmp, "alpha", 1, "acme"), "beta": train(tmp, "beta", 2, "bravo"),
+               "gamma": train(tmp, "gamma", 3, None, method="full")}
+    for sid, folder in experts.items():
+        reg.publish(sid, folder)
+    keys = KeyStore(tmp / "reg" / "serving" / "keys.json")
+    tokens = {"acme": keys.create("acme")[1], "bravo": keys.create("bravo")[1], "admin": keys.create(None, admin=True)[1]}
+    cfg = ServeConfig(registry=str(tmp / "reg"), port=free_port(), max_models_per_replica=4, host_cache_size=8,
+                      registry_ttl_s=0.5)
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+    serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{cfg.port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    yield {"url": url, "tokens": tokens, "reg": reg, "tmp": tmp, "experts": experts, "cfg": cfg}
+    serve.shutdown()
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.float32)
+
+
+def post(server, body, token="admin", path="/v1/generate"):
+    return httpx.post(server["url"] + path, json=body, headers=auth(server["tokens"][token]), timeout=120)
+
+
+def test_health_subjects_and_tenant_isolation(server):
+    assert httpx.get(server["url"] + "/healthz").json()["status"] == "ok"
+    assert httpx.get(server["url"] + "/v1/subjects").status_code == 401
+    assert httpx.get(server["url"] + "/v1/subjects", headers=auth("df_00000000_nope")).status_code == 401
+    listed = httpx.get(server["url"] + "/v1/subjects", headers=auth(server["tokens"]["acme"])).json()["subjects"]
+    assert sorted(s["subject"] for s in listed) == ["alpha", "gamma"]  # own + untenanted, never bravo's
+    alpha = next(s for s in listed if s["subject"] == "alpha")
+    assert alpha["identifier"] and alpha["class_noun"] == "dog" and alpha["version"] == "v0001"
+    sample = httpx.get(server["url"] + alpha["sample_url"], headers=auth(server["tokens"]["acme"]))
+    assert sample.status_code == 200 and sample.content[:4] == b"\x89PNG"
+
+    ok = post(server, {"subject": "alpha", "prompt": "a photo of {subject}", **GEN}, token="acme")
+    assert ok.status_code == 200, ok.text
+    body = ok.json()
+    assert body["version"] == "v0001" and body["seed"] == 7 and len(body["images"]) == 1
+    assert body["prompt"] == f"a photo of {alpha['identifier']} dog"
+    assert decode(body["images"][0]).shape == (64, 64, 3)
+    other = post(server, {"subject": "beta", "prompt": "a [V]", **GEN}, token="acme")
+    missing = post(server, {"subject": "nosuch", "prompt": "a [V]", **GEN}, token="acme")
+    assert other.status_code == missing.status_code == 404
+    assert other.json()["detail"][0]["loc"] == missing.json()["detail"][0]["loc"] == ["body", "subject"]
+    no_key = httpx.post(server["url"] + "/v1/generate", json={"subject": "alpha", "prompt": "x", **GEN})
+    assert no_key.status_code == 401
+
+
+def test_routing_under_interleaving_has_no_adapter_bleed(server):
+    from dreamfleet.serving.engine import ExpertEngine, GenItem
+
+    engine = ExpertEngine(str(server["reg"].uri))
+    item = GenItem("a photo of {subject}", 1, GEN["steps"], 7.5, GEN["seed"], 64, 64)
+    reference = {}
+    for sid in ("alpha", "beta", "gamma"):
+        info = ExpertInfo.read(server["reg"].fetch(sid))
+        ref_item = GenItem(info.prompt(item.prompt), 1, item.steps, 7.5, item.seed, 64, 64)
+        reference[sid] = np.asarray(engine.generate(sid, "v0001", [ref_item])[0][0], dtype=np.float32)
+    assert np.abs(reference["alpha"] - reference["beta"]).mean() > 3  # the experts really differ
+
+    order = ["alpha", "beta", "gamma"] * 6
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda s: post(server, {"subject": s, "prompt": "a photo of {subject}", **GEN}), order))
+    for sid, reply in zip(order, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        got = decode(reply.json()["images"][0])
+        own = np.abs(got - reference[sid]).mean()
+        others = min(np.abs(got - reference[o]).mean() for o in reference if o != sid)
+        assert own < 1.0 and others > 3.0, (sid, own, others)
+
+
+def test_openai_client(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=server["tokens"]["acme"])
+    result = client.images.generate(model="alpha", prompt="a [V] on the beach", n=2, size="64x64",
+                                    response_format="b64_json")
+    assert len(result.data) == 2
+    assert decode(result.data[0].b64_json).shape == (64, 64, 3)
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(model="beta", prompt="a [V]", n=1, size="64x64", response_format="b64_json")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"steps": 101}, "steps"),
+        ({"steps": 0}, "steps"),
+        ({"num_images": 9}, "num_images"),
+        ({"width": 100}, "width"),
+        ({"width": 2048}, "width"),
+        ({"height": 32}, "height"),
+        ({"steps": "5"}, "steps"),
+        ({"seed": -1}, "seed"),
+        ({"guidance_scale": "high"}, "guidance_scale"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "a dog " * 60}, "prompt"),
+        ({"colour": "red"}, "colour"),
+        ({"subject": 42}, "subject"),
+    ],
+)
+def test_limits_answer_422_naming_the_field(server, change, field):
+    body = {"subject": "alpha", "prompt": "a [V]", **GEN, **change}
+    r = post(server, body)
+    assert r.status_code == 422, r.text
+    assert any(field in d["loc"] for d in r.json()["detail"]), r.json()
+
+
+def test_body_over_limit_and_openai_limits(server):
+    r = httpx.post(server["url"] + "/v1/generate", content=b"{" + b" " * 1_100_000 + b"}",
+                   headers={**auth(server["tokens"]["admin"]), "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body"]
+    for body, field in (({"n": 0}, "n"), ({"size": "63x64"}, "size"), ({"n": 20}, "n")):
+        r = post(server, {"model": "alpha", "prompt": "a [V]", **body}, path="/v1/images/generations")
+        assert r.status_code == 422 and any(field in d["loc"] for d in r.json()["detail"])
+
+
+def test_new_expert_appears_without_restart(server):
+    folder = clone_expert(server["experts"]["alpha"], server["tmp"] / "late", "late", None)
+    assert post(server, {"subject": "late", "prompt": "a [V]", **GEN}).status_code == 404
+    t0 = time.time()
+    server["reg"].publish("late", folder)
+    while time.time() - t0 < 15:
+        r = post(server, {"subject": "late", "prompt": "a [V]", **GEN})
+        if r.status_code == 200:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 200 and time.time() - t0 < 10
+
+
+def test_model_failure_is_500_with_request_id_and_server_stays_up(server):
+    folder = clone_expert(server["experts"]["alpha"], server["tmp"] / "broken", "broken", None)
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
+    server["reg"].publish("broken", folder)
+    time.sleep(0.6)
+    r = post(server, {"subject": "broken", "prompt": "a [V]", **GEN})
+    assert r.status_code == 500 and r.json()["request_id"] == r.headers["X-Dreamfleet-Request-ID"]
+    assert post(server, {"subject": "alpha", "prompt": "a [V]", **GEN}).status_code == 200
+
+
+def test_bounded_load_200_requests_20_experts_16_clients(server):
+    reg = server["reg"]
+    names = [f"load{i:02d}" for i in range(20)]
+    for i, sid in enumerate(names):
+        src = server["experts"]["alpha" if i % 2 else "beta"]
+        reg.publish(sid, clone_expert(src, server["tmp"] / "load" / sid, sid, None))
+    time.sleep(0.6)
+    statuses: list[int] = []
+    lock = threading.Lock()
+    t0 = time.time()
+
+    def one(i: int) -> None:
+        r = post(server, {"subject": names[i % 20], "prompt": "a [V]", "steps": 2, "seed": i, "width": 64, "height": 64})
+        with lock:
+            statuses.append(r.status_code)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(200)))
+    assert time.time() - t0 < 600
+    assert len(statuses) == 200 and not [s for s in statuses if s >= 500], statuses
+    assert set(statuses) == {200}
+    metrics = httpx.get(server["url"] + "/metrics").text
+    assert "dreamfleet_requests_total" in metrics and "dreamfleet_expert_cache_total" in metrics
+    state = httpx.get(server["url"] + "/v1/serving", headers=auth(server["tokens"]["admin"])).json()
+    assert state["requests_ok"] >= 200 and state["replicas"]
+    evictions = sum(r["stats"]["evictions"] for r in state["replicas"].values())
+    assert evictions > 0  # 20 experts rotate through an LRU of 4

@@ -1,0 +1,217 @@
+"""`dreamfleet eval`: experts against their manifest's prompts, as DreamBench does it.
+
+For every expert: ``images_per_prompt`` (4) images for each of its subject's evaluation
+prompts, plus images of the plain class prompt ("a ball") for class drift; then the metrics,
+a table (CSV and markdown) and one sample grid per subject (rows: prompts). The toy metrics
+(:mod:`dreamfleet.toy.metrics`) are used for subjects the toy judge knows; DINO / CLIP-I /
+CLIP-T (:mod:`dreamfleet.eval.metrics`) when model folders for them are given.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from dreamfleet.core.config import cfg
+from dreamfleet.core.errors import ConfigError
+from dreamfleet.core.images import image_grid
+
+log = logging.getLogger("dreamfleet")
+
+
+@dataclass
+class EvalConfig:
+    """How experts are evaluated."""
+
+    images_per_prompt: int = cfg(4, "images generated per prompt (DreamBench: 4)")
+    class_images: int = cfg(8, "images of the plain class prompt, for class drift")
+    num_inference_steps: int = cfg(25, "denoising steps")
+    guidance_scale: float = cfg(4.0, "classifier-free guidance")
+    seed: int = cfg(0, "seed of the generation noise (the same for every expert)")
+    dino_model: str | None = cfg(None, "local folder of a DINO ViT (e.g. dino-vits16) for the DINO metric")
+    clip_model: str | None = cfg(None, "local folder of a CLIP model (e.g. clip-vit-base-patch32) for CLIP-I/CLIP-T")
+    device: str = cfg("cpu", "device for generation and metrics")
+
+    def __post_init__(self) -> None:
+        for name in ("images_per_prompt", "class_images", "num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SubjectCase:
+    """What one evaluation needs: who, with which prompts, against which real photos."""
+
+    subject_id: str
+    class_noun: str
+    identifier: str
+    prompt_templates: list[str]
+    real_images: list[Image.Image]
+    label: str = "expert"
+
+    def prompts(self, with_identifier: bool = True) -> list[str]:
+        token = self.identifier if with_identifier else ""
+        return [" ".join(t.format(token, self.class_noun).split()) for t in self.prompt_templates]
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Sequence[str], n: int, c: EvalConfig) -> list[list[Image.Image]]:
+    """``n`` images per prompt; image j of every prompt uses noise seed ``seed + j`` (paired across models)."""
+    out = []
+    size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    for prompt in prompts:
+        gens = [torch.Generator("cpu").manual_seed(c.seed + j) for j in range(n)]
+        out.append(pipe([prompt] * n, height=size, width=size, num_inference_steps=c.num_inference_steps,
+                        guidance_scale=c.guidance_scale, generator=gens).images)
+    return out
+
+
+class Scorers:
+    """The metrics available for this run: the toy judge, DINO, CLIP (each optional)."""
+
+    def __init__(self, c: EvalConfig, *, toy: bool = True):
+        self.judge = None
+        if toy:
+            from dreamfleet.toy.judge import ToyJudge
+
+            self.judge = ToyJudge.load()
+        self.dino = self.clip = None
+        if c.dino_model:
+            from dreamfleet.eval.metrics import DinoScorer
+
+            self.dino = DinoScorer(c.dino_model, c.device)
+        if c.clip_model:
+            from dreamfleet.eval.metrics import ClipScorer
+
+            self.clip = ClipScorer(c.clip_model, c.device)
+
+
+def evaluate_case(pipe, case: SubjectCase, scorers: Scorers, c: EvalConfig, *, with_identifier: bool = True,
+                  grid_path: Path | None = None) -> dict[str, Any]:
+    """Generate and score one subject with one pipeline; returns a table row."""
+    from dreamfleet.toy import metrics as toy
+
+    prompts = case.prompts(with_identifier)
+    images = generate(pipe, prompts, c.images_per_prompt, c)
+    class_imgs = generate(pipe, [f"a {case.class_noun}"], c.class_images, c)[0]
+    flat = [im for row in images for im in row]
+    row: dict[str, Any] = {"subject": case.subject_id, "model": case.label, "class": case.class_noun,
+                           "images": len(flat)}
+    judge = scorers.judge
+    if judge is not None and case.subject_id in judge.subjects:
+        row["subject_fidelity"] = toy.subject_fidelity(judge, flat, case.subject_id)
+        row["subject_similarity"] = toy.subject_similarity(judge, flat, case.real_images)
+        row["prompt_fidelity"] = sum(toy.prompt_fidelity(judge, ims, p) for ims, p in zip(images, prompts, strict=True)) / len(prompts)
+        row["class_drift"] = toy.class_drift(judge, class_imgs, case.subject_id)
+    if scorers.dino is not None:
+        from dreamfleet.eval.metrics import dino_score
+
+        row["dino"] = dino_score(scorers.dino, flat, case.real_images)
+    if scorers.clip is not None:
+        from dreamfleet.eval.metrics import clip_i_score, clip_t_score
+
+        row["clip_i"] = clip_i_score(scorers.clip, flat, case.real_images)
+        # CLIP-T with the identifier replaced by nothing: CLIP does not know the rare token.
+        plain = [p for p in case.prompts(False) for _ in range(c.images_per_prompt)]
+        row["clip_t"] = clip_t_score(scorers.clip, flat, plain)
+    if grid_path is not None:
+        rows = [*images, class_imgs[: c.images_per_prompt]]
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid([im for r in rows for im in r], rows=len(rows), cols=c.images_per_prompt).save(grid_path)
+    return row
+
+
+METRIC_COLUMNS = ("subject_fidelity", "subject_similarity", "prompt_fidelity", "class_drift", "dino", "clip_i", "clip_t")
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluation") -> tuple[Path, Path]:
+    """``results.csv`` and ``results.md`` (per-subject rows and a mean per model)."""
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
+    cols = ["subject", "model", "class", "images", *metrics]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lines = [f"# {title}", "", "Mean over subjects:", "", "| model | " + " | ".join(metrics) + " |",
+             "| --- |" + " --- |" * len(metrics)]
+    for m in models:
+        sel = [r for r in rows if r["model"] == m]
+        vals = [sum(r[k] for r in sel if k in r) / max(1, sum(k in r for r in sel)) for k in metrics]
+        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    lines += ["", "Per subject:", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in cols) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return out / "results.csv", out / "results.md"
+
+
+def expert_pipeline(expert_dir: Path) -> tuple[Any, Any]:
+    """(pipeline with the expert applied, ExpertInfo); LoRA experts are loaded with diffusers' own API."""
+    from diffusers import UNet2DConditionModel
+
+    from dreamfleet.core.expert import ExpertInfo
+    from dreamfleet.core.models import load_base
+
+    info = ExpertInfo.read(expert_dir)
+    spec = info.base_model["spec"]
+    base = load_base(spec)  # a fresh instance: LoRA loading modifies its UNet
+    if info.method == "lora":
+        pipe = base.pipeline()
+        pipe.load_lora_weights(str(expert_dir))
+    else:
+        unet = UNet2DConditionModel.from_pretrained(expert_dir / "unet").eval()
+        text_encoder = None
+        if (expert_dir / "text_encoder").is_dir():
+            from transformers import CLIPTextModel
+
+            text_encoder = CLIPTextModel.from_pretrained(expert_dir / "text_encoder").eval()
+        pipe = base.pipeline(unet=unet, text_encoder=text_encoder)
+    return pipe, info
+
+
+def evaluate_experts(expert_dirs: Sequence[Path], manifest: str | Path, out: str | Path, c: EvalConfig | None = None,
+                     *, include_base: bool = False, on_row: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+    """Evaluate each expert on its manifest subject's prompts; write the table and grids under ``out``."""
+    from dreamfleet.core.models import load_base
+    from dreamfleet.data.manifest import Manifest
+
+    c = c or EvalConfig()
+    out = Path(out)
+    m = Manifest.open(manifest)
+    scorers = Scorers(c)
+    rows: list[dict[str, Any]] = []
+    for expert_dir in expert_dirs:
+        pipe, info = expert_pipeline(Path(expert_dir))
+        rec = m.record(info.subject_id)
+        case = SubjectCase(
+            subject_id=info.subject_id, class_noun=info.class_noun, identifier=info.identifier,
+            prompt_templates=list(rec.eval_prompts) or ["a {0} {1}"],
+            real_images=[im for _, im, _ in m.read_images(info.subject_id)], label=info.method,
+        )
+        if include_base:
+            # The untouched base model (the shared cached instance), prompted without the identifier.
+            base_row = evaluate_case(load_base(info.base_model["spec"], fresh=False).pipeline(), _as_base(case),
+                                     scorers, c, with_identifier=False)
+            rows.append(base_row)
+        row = evaluate_case(pipe, case, scorers, c, grid_path=out / "grids" / f"{info.subject_id}.png")
+        rows.append(row)
+        if on_row:
+            on_row(row)
+        log.info("evaluated %s: %s", info.subject_id, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)})
+    write_table(rows, out)
+    return rows
+
+
+def _as_base(case: SubjectCase) -> SubjectCase:
+    return SubjectCase(case.subject_id, case.class_noun, case.identifier, case.prompt_templates, case.real_images,
+                       label="base")

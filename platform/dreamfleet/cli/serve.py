@@ -109,6 +109,9 @@ def start(cfg, *, address: str | None = None, detach: bool = True):
         connect_ray(address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
+    from dreamfleet.dashboard.server import dashboard_for_serve
+
+    serve.run(dashboard_for_serve(cfg, address=address), name="dashboard", route_prefix="/dashboard", blocking=False)
     return f"http://{cfg.host}:{cfg.port}"
 
 
@@ -126,7 +129,8 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg.registry = Registry(cfg.registry, create=False).uri
     check_binding(cfg)
     url = start(cfg, address=args.address)
-    print(f"serving {cfg.registry} at {url} (docs at {url}/docs, metrics at {url}/metrics)", flush=True)
+    print(f"serving {cfg.registry} at {url} (API docs {url}/docs, dashboard {url}/dashboard/, "
+          f"metrics {url}/metrics)", flush=True)
     if args.detach:
         return 0
     try:

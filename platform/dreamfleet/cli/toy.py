@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = tsub.add_parser("judge", help="train the toy judge (the classifier behind the toy metrics) and validate it")
     p.add_argument("--out", type=Path, help="folder to write (default: the shipped platform/dreamfleet/toy/assets/toy-judge)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 1500)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 1800)")
     p.add_argument("--pool-size", type=int, help="renders in the training pool (default 12000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=run_judge)

@@ -77,7 +77,7 @@ class JudgeNet(nn.Module):
 @dataclass
 class JudgeConfig:
     seed: int = 0
-    steps: int = 1500
+    steps: int = 1800
     batch_size: int = 96
     learning_rate: float = 2e-3
     pool_size: int = 12000
@@ -136,9 +136,15 @@ def to_tensor(images) -> torch.Tensor:
 
 
 def degrade(x_bchw: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random blur, noise and colour jitter: renders made to look like samples."""
+    """Random blur, resampling, noise and colour jitter: renders made to look like samples
+    of a small diffusion model (soft edges, muddied colours, darker or paler backgrounds)."""
     b = x_bchw.shape[0]
-    sigma = torch.rand(b, generator=g) * 1.2
+    side = x_bchw.shape[-1]
+    low = F.interpolate(F.interpolate(x_bchw, size=side * 5 // 8, mode="bilinear", antialias=True),
+                        size=side, mode="bilinear")
+    use_low = (torch.rand(b, 1, 1, 1, generator=g) < 0.3).float()
+    x_bchw = use_low * low + (1 - use_low) * x_bchw
+    sigma = torch.rand(b, generator=g) * 1.6
     r = torch.arange(-2, 3, dtype=torch.float32)
     out = []
     for i in range(b):
@@ -153,9 +159,12 @@ def degrade(x_bchw: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         img = F.conv2d(F.pad(img, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1))
         out.append(img.permute(1, 0, 2, 3)[0])
     x = torch.stack(out)
-    gain = 1 + (torch.rand(b, 3, 1, 1, generator=g) - 0.5) * 0.2
-    shift = (torch.rand(b, 3, 1, 1, generator=g) - 0.5) * 0.16
-    noise = torch.randn(x.shape, generator=g) * (torch.rand(b, 1, 1, 1, generator=g) * 0.1)
+    # Saturation towards grey, per-channel gain and shift, noise.
+    sat = 1 - torch.rand(b, 1, 1, 1, generator=g) * 0.35
+    x = x.mean(1, keepdim=True) + sat * (x - x.mean(1, keepdim=True))
+    gain = 1 + (torch.rand(b, 3, 1, 1, generator=g) - 0.5) * 0.3
+    shift = (torch.rand(b, 3, 1, 1, generator=g) - 0.5) * 0.3
+    noise = torch.randn(x.shape, generator=g) * (torch.rand(b, 1, 1, 1, generator=g) * 0.12)
     return (x * gain + shift + noise).clamp(-1, 1)
 
 

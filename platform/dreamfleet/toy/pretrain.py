@@ -186,10 +186,10 @@ def time_steps(objective, n: int = 3) -> float:
     return elapsed / n
 
 
-def _settings(steps: int, lr: float, c: PretrainConfig, what: str) -> LoopSettings:
+def _settings(steps: int, lr: float, c: PretrainConfig, what: str, progress: bool) -> LoopSettings:
     return LoopSettings(
         steps=steps, learning_rate=lr, lr_scheduler="cosine", lr_warmup_steps=min(c.warmup_steps, steps // 10),
-        adam_weight_decay=0.0, checkpoint_every=c.checkpoint_every, description=what, progress=sys.stderr.isatty(),
+        adam_weight_decay=0.0, checkpoint_every=c.checkpoint_every, description=what, progress=progress and sys.stderr.isatty(),
     )
 
 
@@ -240,7 +240,15 @@ def pretrain(c: PretrainConfig, out: str | Path, *, overwrite: bool = False, pro
     out = Path(out)
     if (out / "model_index.json").exists() and not overwrite:
         raise ConfigError(f"{out} already holds a model; pass --overwrite to replace it")
+    threads = torch.get_num_threads()
     torch.set_num_threads(c.threads)
+    try:
+        return _pretrain(c, out, overwrite=overwrite, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(c: PretrainConfig, out: Path, *, overwrite: bool, progress: bool) -> dict:
     t_start = time.perf_counter()
     work = out.parent / f".{out.name}.work"
     work.mkdir(parents=True, exist_ok=True)
@@ -256,7 +264,7 @@ def pretrain(c: PretrainConfig, out: str | Path, *, overwrite: bool = False, pro
         write_json(plan_path, plan)
     base.vae.train()
     t0 = time.perf_counter()
-    vae_result = run_loop(vae_obj, _settings(plan["vae_steps"], c.vae_learning_rate, c, "toy vae"),
+    vae_result = run_loop(vae_obj, _settings(plan["vae_steps"], c.vae_learning_rate, c, "toy vae", progress),
                           checkpoint_dir=work / "vae-checkpoints", hooks=_log_hook("vae", plan["vae_steps"]))
     vae_s = time.perf_counter() - t0
     base.vae.eval().requires_grad_(False)
@@ -277,7 +285,7 @@ def pretrain(c: PretrainConfig, out: str | Path, *, overwrite: bool = False, pro
     # Given steps are honoured; a budgeted run stops at 125% of its budget whatever the machine's load.
     deadline = None if c.unet_steps else t_start + 1.25 * budget_s
     t0 = time.perf_counter()
-    unet_result = run_loop(den_obj, _settings(plan["unet_steps"], c.learning_rate, c, "toy unet"),
+    unet_result = run_loop(den_obj, _settings(plan["unet_steps"], c.learning_rate, c, "toy unet", progress),
                            checkpoint_dir=work / "unet-checkpoints", hooks=_log_hook("unet", plan["unet_steps"], deadline))
     unet_s = time.perf_counter() - t0
     for m in (base.unet, base.text_encoder):

@@ -1,0 +1,260 @@
+"""What the pages show, read from the registry on every request (no second copy of the state).
+
+Each function returns plain JSON-able data. A run started on another machine shows up as
+soon as its ``runs/<id>.json`` and subject states appear in the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from dreamfleet.core.errors import DreamfleetError
+from dreamfleet.registry import Registry, SubjectState
+
+log = logging.getLogger("dreamfleet.dashboard")
+
+STATE_ORDER = ("training", "queued", "failed", "done", "skipped")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_CURVE_POINTS = 400
+EVAL_FILES = ("eval.json", "evaluation.json", "metrics.json")
+
+
+class NotFound(DreamfleetError):
+    """Something the page asked for is not in the registry (answered 404 with the message)."""
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def subject_row(st: SubjectState) -> dict[str, Any]:
+    """One line of a subjects table."""
+    return {
+        "subject": st.subject_id, "state": st.state, "run_id": st.run_id, "class_noun": st.class_noun,
+        "tenant": st.tenant, "step": st.step, "total_steps": st.total_steps, "loss": st.loss,
+        "recent_losses": st.recent_losses[-100:], "attempts": st.attempts, "error": st.error,
+        "version": st.version, "node": (st.worker or {}).get("node"), "updated_at": st.updated_at,
+        "started_at": st.started_at, "finished_at": st.finished_at,
+    }
+
+
+def _fraction(st: SubjectState | None) -> float:
+    """How far one subject of a run is: 1 when finished (done or failed), its step share while training."""
+    if st is None:
+        return 0.0
+    if st.state in ("done", "failed"):
+        return 1.0
+    if st.state == "training" and st.total_steps:
+        return min(st.step / st.total_steps, 0.99)
+    return 0.0
+
+
+def run_progress(run: dict[str, Any], states: dict[str, SubjectState]) -> dict[str, Any]:
+    """Counts by state, the fraction done, elapsed time and an ETA for one run record."""
+    run_id = run.get("run_id")
+    skipped = set(run.get("skipped") or [])
+    counts = dict.fromkeys(STATE_ORDER, 0)
+    fractions = []
+    for sid in run.get("subjects") or []:
+        st = states.get(sid)
+        if sid in skipped:
+            counts["skipped"] += 1
+            continue
+        if st is None or st.run_id != run_id:
+            # a later run took the subject over: this run's outcome is in its record
+            state = "done" if sid in (run.get("done") or []) else ("failed" if sid in (run.get("failed") or {}) else "queued")
+            counts[state] += 1
+            fractions.append(1.0 if state != "queued" or run.get("state") != "running" else 0.0)
+            continue
+        counts[st.state] += 1
+        fractions.append(_fraction(st))
+    fraction = sum(fractions) / len(fractions) if fractions else 1.0
+    started, finished = _parse_time(run.get("started_at")), _parse_time(run.get("finished_at"))
+    elapsed = ((finished or _now()) - started).total_seconds() if started else None
+    eta = None
+    if run.get("state") == "running" and elapsed and 0 < fraction < 1:
+        eta = elapsed * (1 - fraction) / fraction
+    return {"counts": counts, "fraction": round(fraction, 4), "elapsed_s": elapsed, "eta_s": eta,
+            "total": len(run.get("subjects") or [])}
+
+
+def run_summary(run: dict[str, Any], states: dict[str, SubjectState]) -> dict[str, Any]:
+    return {
+        "run_id": run.get("run_id"), "manifest": run.get("manifest"), "base_model": run.get("base_model"),
+        "state": run.get("state", "running"), "started_at": run.get("started_at"),
+        "finished_at": run.get("finished_at"), "job_id": run.get("job_id"), "ray_address": run.get("ray_address"),
+        "cancelled_at": run.get("cancelled_at"), **run_progress(run, states),
+    }
+
+
+def runs_view(reg: Registry) -> dict[str, Any]:
+    states = reg.states()
+    runs = [run_summary(r, states) for r in reg.runs()]
+    runs.reverse()  # newest first
+    counts = dict.fromkeys(STATE_ORDER, 0)
+    for st in states.values():
+        counts[st.state] += 1
+    return {"runs": runs, "subjects": len(states), "counts": counts}
+
+
+def run_view(reg: Registry, run_id: str) -> dict[str, Any]:
+    run = reg.run(run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id!r} in the registry {reg.uri}")
+    states = reg.states()
+    rows = []
+    skipped = set(run.get("skipped") or [])
+    for sid in run.get("subjects") or []:
+        st = states.get(sid)
+        if sid in skipped:
+            row = subject_row(st) if st else subject_row(SubjectState(sid, state="done"))
+            row["state"] = "skipped"
+        elif st is None:
+            row = subject_row(SubjectState(sid))
+        else:
+            row = subject_row(st)
+            if st.run_id != run_id:
+                row["note"] = f"now part of run {st.run_id}"
+        rows.append(row)
+    config = {"train_config": run.get("train_config"), "fanout": run.get("fanout"),
+              "code_version": run.get("code_version")}
+    return {"run": run_summary(run, states), "subjects": rows, "config": config}
+
+
+def subjects_view(reg: Registry) -> dict[str, Any]:
+    """Every subject of the registry, whichever run (or none) made it."""
+    return {"subjects": [subject_row(st) for st in reg.states().values()]}
+
+
+def _downsample(points: list[dict[str, Any]], limit: int = MAX_CURVE_POINTS) -> list[dict[str, Any]]:
+    if len(points) <= limit:
+        return points
+    stride = len(points) / limit
+    picked = [points[int(i * stride)] for i in range(limit)]
+    if picked[-1] is not points[-1]:
+        picked[-1] = points[-1]
+    return picked
+
+
+def _curve(folder: Path | None, st: SubjectState | None) -> tuple[list[dict[str, Any]], str]:
+    """The loss curve: the expert's full history, else the recent losses of a subject still training."""
+    if folder is not None and (folder / "loss_history.json").is_file():
+        try:
+            history = json.loads((folder / "loss_history.json").read_text())
+        except (ValueError, OSError) as e:
+            log.warning("unreadable loss history in %s (%s)", folder, e)
+            history = []
+        keys = ("step", "loss", "loss_instance", "loss_prior", "lr", "grad_norm")
+        points = [{k: h.get(k) for k in keys} for h in history if isinstance(h, dict)]
+        return _downsample(points), "loss_history.json of the expert"
+    if st is not None and st.recent_losses:
+        first = st.step - len(st.recent_losses) + 1
+        points = [{"step": first + i, "loss": v} for i, v in enumerate(st.recent_losses)]
+        return points, "the last losses reported while training (the full curve comes with the expert)"
+    return [], "no losses reported yet"
+
+
+def _images(folder: Path, sub: str) -> list[str]:
+    d = folder / sub
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _evaluation(folder: Path, info: Any) -> dict[str, Any] | None:
+    for name in EVAL_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (ValueError, OSError):
+                return {"error": f"{name} is not readable JSON"}
+    stats = getattr(info, "train_stats", None) or {}
+    metrics = {k: v for k, v in stats.items() if k.startswith(("eval_", "dino", "clip", "toy_"))}
+    return metrics or None
+
+
+def subject_view(reg: Registry, sid: str, version: str | None = None) -> dict[str, Any]:
+    if sid not in reg.subjects():
+        raise NotFound(f"no subject {sid!r} in the registry {reg.uri}")
+    st = reg.get_state(sid)
+    versions = reg.versions(sid)
+    latest = reg.latest(sid)
+    chosen = version or latest or (versions[-1] if versions else None)
+    if chosen is not None and chosen not in versions:
+        raise NotFound(f"subject {sid!r} has no version {chosen!r}; versions: {', '.join(versions) or 'none'}")
+    out: dict[str, Any] = {"subject": sid, "state": subject_row(st) if st else None, "versions": versions,
+                           "latest": latest, "version": chosen, "expert": None, "images": {}, "evaluation": None}
+    folder = None
+    if chosen is None:
+        out["message"] = (f"subject {sid!r} has no published expert yet"
+                          + (f" (state: {st.state}, step {st.step}/{st.total_steps or '?'})" if st else ""))
+    else:
+        try:
+            folder = reg.fetch(sid, chosen)
+            info = reg.expert_info(sid, chosen)
+        except DreamfleetError as e:
+            out["message"] = str(e)
+        else:
+            out["expert"] = {k: v for k, v in dataclasses.asdict(info).items() if k != "config"}
+            out["config"] = info.config
+            out["evaluation"] = _evaluation(folder, info)
+            validation = _images(folder, "validation")
+            out["images"] = {"instance": _images(folder, "instance"), "validation": validation[-2:],
+                             "validation_all": len(validation)}
+    points, source = _curve(folder, st)
+    if folder is not None and st is not None and st.state == "training" and st.run_id:
+        points, source = _curve(None, st)  # retraining: the live losses are newer than the published curve
+    out["curve"] = {"points": points, "source": source}
+    return out
+
+
+def expert_file(reg: Registry, sid: str, version: str, kind: str, name: str) -> Path:
+    """An image of an expert folder (training photo or validation grid), never anything else."""
+    if kind not in ("instance", "validation") or "/" in name or "\\" in name or name.startswith("."):
+        raise NotFound(f"no such expert file {kind}/{name}")
+    if not name.lower().endswith(IMAGE_SUFFIXES):
+        raise NotFound(f"{name}: only images are served")
+    try:
+        folder = reg.fetch(sid, version)
+    except DreamfleetError as e:
+        raise NotFound(str(e)) from None
+    path = folder / kind / name
+    if not path.is_file():
+        raise NotFound(f"subject {sid!r} version {version}: no file {kind}/{name}")
+    return path
+
+
+def apprentice_view(reg: Registry) -> dict[str, Any]:
+    """The apprentice's status files, when the registry has any (``apprentice/status.json``, ``loss_history.json``)."""
+    if not reg.is_local:
+        return {"available": False, "message": "the apprentice page reads local registries only for now"}
+    root = Path(reg.root) / "apprentice"
+    status_file, history_file = root / "status.json", root / "loss_history.json"
+    if not status_file.is_file() and not history_file.is_file():
+        return {"available": False, "message": f"no apprentice in this registry yet (nothing at {root})"}
+    out: dict[str, Any] = {"available": True, "status": {}, "curve": {"points": [], "source": str(history_file)}}
+    try:
+        if status_file.is_file():
+            out["status"] = json.loads(status_file.read_text())
+        if history_file.is_file():
+            points = [p for p in json.loads(history_file.read_text()) if isinstance(p, dict)]
+            out["curve"]["points"] = _downsample(points)
+    except (ValueError, OSError) as e:
+        out["message"] = f"unreadable apprentice files under {root} ({e})"
+    return out

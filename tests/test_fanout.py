@@ -163,3 +163,35 @@ def test_driver_killed_mid_run_then_rerun_resumes_from_checkpoint(manifest, tmp_
     info = reg.expert_info("dog2")
     assert info.train_stats["resumed_from"] >= killed_at
     assert info.train_stats["steps_executed"] < 2 * 300 - killed_at
+
+
+def test_two_orchestrators_on_one_registry(manifest, tmp_path):
+    """Two fan-out drivers at once, overlapping on one subject, publishing into one registry."""
+    reg_uri = str(tmp_path / "reg")
+    results: dict[str, object] = {}
+
+    def run(name: str, subjects: list[str]) -> None:
+        try:
+            results[name] = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=4, with_prior_preservation=False),
+                                       FanoutConfig(), subjects=subjects, progress=False)
+        except Exception as e:  # surfaced by the assertions below
+            results[name] = e
+
+    threads = [threading.Thread(target=run, args=("a", ["dog1", "cat1"])),
+               threading.Thread(target=run, args=("b", ["cat1", "dog2"]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    a, b = results["a"], results["b"]
+    assert not isinstance(a, Exception) and not isinstance(b, Exception), (a, b)
+    assert a.run_id != b.run_id and not a.failed and not b.failed
+    reg = Registry(reg_uri)
+    trained_twice = "cat1" in a.done and "cat1" in b.done
+    assert reg.versions("cat1") == (["v0001", "v0002"] if trained_twice else ["v0001"])
+    for sid in ("dog1", "cat1", "dog2"):
+        assert reg.get_state(sid).state == "done"
+        assert reg.latest(sid) in reg.versions(sid)
+        reg.expert_info(sid)  # every published version is complete and readable
+    assert {r["run_id"] for r in reg.runs()} == {a.run_id, b.run_id}
+    assert not list(Path(reg_uri).rglob("*.tmp*"))

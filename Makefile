@@ -31,6 +31,8 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/fanout_overhead.py --subjects 1 8 32 --steps 10
 	$(BIN)/python benchmarks/manifest_scale.py --subjects 10000 --images 4 --repeats 7 --builds 3 --shard-size-mb 256
+	$(BIN)/python benchmarks/trainer_vs_diffusers.py --model tiny --methods lora full --steps 100 --warmup 5 --repeats 5 --threads 1
+	$(BIN)/python benchmarks/serving_bench.py --requests 120 --clients 8
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dreamfleet-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo test test-slow lint format bench clean toy-model
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
+
+# Re-pretrain the shipped toy base model (~60 min on 2 CPU cores; see docs/toy_world.md).
+toy-model: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/dreamfleet toy pretrain --out platform/dreamfleet/toy/assets/toy-model --minutes 46 --seed 0 --overwrite --grid docs/img/toy_samples.png
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/fanout_overhead.py --subjects 1 8 32 --steps 10

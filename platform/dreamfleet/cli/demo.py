@@ -1,8 +1,9 @@
 """`dreamfleet demo`: the platform's main job end to end on the embedded default.
 
-At this stage: an embedded local Ray runs one DreamBooth fine-tune of one subject on the
-default base model, then the demo writes an image grid (training photos above the
-expert's generations in new contexts, and the base model's for the same prompts).
+An embedded local Ray runs one DreamBooth fine-tune of one subject on the default base
+model (the toy model, pretrained on the procedural toy world and shipped in the
+repository), then the demo writes an image grid: the training photos above the expert's
+generations in new contexts, and the base model's for the same prompts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 log = logging.getLogger("dreamfleet")
 
-DEMO_PROMPTS = ["a {identifier} {class_noun}", "a {identifier} {class_noun} on the beach", "a {identifier} {class_noun} in the snow"]
+DEMO_PROMPTS = ["a {identifier} {class_noun} on the grass", "a {identifier} {class_noun} on the beach",
+                "a {identifier} {class_noun} on a rug"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,10 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train one subject on an embedded local Ray and write an image grid",
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="output folder")
-    p.add_argument("--base-model", default="tiny-random", help="base model spec")
-    p.add_argument("--images", type=Path, help="subject photos (default: DreamBench 'dog' from ../shared, else synthetic)")
+    p.add_argument("--base-model", default="toy", help="base model spec")
+    p.add_argument("--images", type=Path,
+                   help="subject photos (default: the toy subject 'ball-halves' for the toy model, else DreamBench 'dog')")
     p.add_argument("--class-noun", default="dog")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded Ray")
     p.set_defaults(handler=run)
 
@@ -34,6 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _find_images(args: argparse.Namespace) -> tuple[Path, str]:
     if args.images:
         return args.images, args.class_noun
+    if args.base_model == "toy":
+        from dreamfleet.toy.subjects import SUBJECTS_BY_ID, subject_images
+
+        subject = SUBJECTS_BY_ID["ball-halves"]
+        folder = args.out / "subject" / subject.subject_id
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(subject_images(subject, 5)):
+            img.save(folder / f"{i:02d}.png")
+        return folder, subject.cls
     for root in (Path.cwd(), *Path.cwd().parents):
         candidate = root.parent / "shared" / "dreambench" / "dog"
         if candidate.is_dir():
@@ -83,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"grid: {grid_path}")
     print("  row 1: training photos; rows 2-4: the expert on "
           + ", ".join(repr(p) for p in DEMO_PROMPTS) + "; rows 5-7: the base model on the same prompts")
-    if args.base_model == "tiny-random":
+    if args.base_model == "tiny-random":  # (the toy model's generations are meaningful)
         print("  note: tiny-random is an untrained random model, so its images are noise; "
               "pass --base-model with a real Stable Diffusion folder for meaningful pictures")
     print(f"done in {time.perf_counter() - t0:.0f} s; outputs in {out}")
@@ -100,7 +112,8 @@ def _train_remote(images_dir: str, class_noun: str, base_model: str, steps: int,
     subject = SubjectData(
         subject_id=Path(images_dir).name, class_noun=class_noun, images=[p.image for p in photos], source=images_dir
     )
-    cfg = TrainConfig(steps=steps, method="lora", learning_rate=1e-3, num_class_images=16,
+    # The toy microbench's recipe (docs/microbench.md): full fine-tuning at 3e-4 with prior preservation.
+    cfg = TrainConfig(steps=steps, method="full", learning_rate=3e-4, num_class_images=16,
                       validation_every=max(steps // 2, 1), checkpoint_every=max(steps // 2, 1))
     result = train_subject(subject, base_model, cfg, Path(out) / "experts" / subject.subject_id,
                            class_cache=ClassImageCache(Path(out) / "class-images"), overwrite=True, progress=False)
@@ -127,6 +140,11 @@ def _grid_rows(expert_dir: Path, base_model: str, images_dir: Path):
                     generator=gens).images
 
     base_rows = [img for t in DEMO_PROMPTS for img in generate(t)]
-    pipe.load_lora_weights(str(expert_dir))
+    if info.method == "lora":
+        pipe.load_lora_weights(str(expert_dir))
+    else:
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(expert_dir / "unet")
     expert_rows = [img for t in DEMO_PROMPTS for img in generate(t)]
     return train + expert_rows + base_rows, cols

@@ -45,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=run_judge)
 
+    p = tsub.add_parser("microbench", help="base vs DreamBooth without / with prior preservation on the toy subjects")
+    p.add_argument("--out", required=True, type=Path, help="folder for experts, grids and results.{csv,md}")
+    p.add_argument("--subjects", help="comma-separated subject ids (default: all)")
+    p.add_argument("--steps", type=int, help="DreamBooth steps (default: the microbench recipe's)")
+    p.add_argument("--base-model", default="toy")
+    p.set_defaults(handler=run_microbench)
+
     p = tsub.add_parser("samples", help="a sample grid of a base model, one row per prompt")
     p.add_argument("--base-model", default="toy")
     p.add_argument("--out", required=True, type=Path, help="PNG to write")
@@ -104,6 +111,19 @@ def run_judge(args: argparse.Namespace) -> int:
     info = train_judge(args.out or JUDGE_DIR, c)
     print(json.dumps(info["validation"], indent=1))
     print(f"judge written to {args.out or JUDGE_DIR} ({info['wall_time_s']} s)")
+    return 0
+
+
+def run_microbench(args: argparse.Namespace) -> int:
+    import json
+
+    from dreamfleet.toy.microbench import MicrobenchConfig, run_microbench, summarise
+
+    c = MicrobenchConfig(subjects=args.subjects.split(",") if args.subjects else [],
+                         train={"steps": args.steps} if args.steps else {})
+    rows = run_microbench(args.out, c, base_spec=args.base_model)
+    print(json.dumps(summarise(rows), indent=1))
+    print(f"results: {args.out / 'results.md'}")
     return 0
 
 

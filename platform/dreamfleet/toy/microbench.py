@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dreamfleet.core.config import cfg
 from dreamfleet.eval.evaluate import EvalConfig, Scorers, SubjectCase, evaluate_case, write_table
 
 log = logging.getLogger("dreamfleet")
@@ -29,7 +28,7 @@ def microbench_train_config(**overrides):
     from dreamfleet.trainers.config import TrainConfig
 
     kw: dict[str, Any] = dict(
-        method="full", steps=300, learning_rate=1e-4, batch_size=1, num_class_images=50,
+        method="full", steps=400, learning_rate=3e-4, batch_size=1, num_class_images=50,
         class_generation_steps=25, class_guidance_scale=4.0, prior_loss_weight=1.0,
         checkpoint_every=0, validation_every=0, num_validation_images=1, validation_inference_steps=2,
         validation_prompts=["a {identifier} {class_noun}"], seed=0, device="cpu",
@@ -42,7 +41,10 @@ def microbench_train_config(**overrides):
 class MicrobenchConfig:
     subjects: list[str] = field(default_factory=list)
     """Subject ids (default: all toy subjects)."""
-    train: dict[str, Any] = cfg(dict, "overrides of the DreamBooth recipe (TrainConfig fields)")
+    train: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the DreamBooth recipe (TrainConfig fields)."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompt templates ('{0}' identifier, '{1}' class noun; default: the manifest's)."""
     images_per_prompt: int = 4
     class_images: int = 8
     num_inference_steps: int = 25
@@ -89,7 +91,7 @@ def run_microbench(out: str | Path, c: MicrobenchConfig | None = None, *, base_s
                 )
                 ident = identifier = result.info.identifier
                 pipe = _trained_pipeline(result, base_spec)
-            case = SubjectCase(sid, rec.class_noun, ident, list(rec.eval_prompts), images, label=label)
+            case = SubjectCase(sid, rec.class_noun, ident, c.prompts or list(rec.eval_prompts), images, label=label)
             row = evaluate_case(pipe, case, scorers, ec, with_identifier=prior is not None,
                                 grid_path=out / "grids" / label / f"{sid}.png")
             row["seconds"] = round(time.perf_counter() - t0, 1)

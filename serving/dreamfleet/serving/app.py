@@ -72,9 +72,16 @@ def build_app(cfg: ServeConfig):
     )
     class ExpertModel:
         def __init__(self, cfg_dict: dict[str, Any]):
+            import os
+
+            import torch
+
             from dreamfleet.serving.engine import ExpertEngine
 
             self.cfg = from_dict(ServeConfig, cfg_dict)
+            # Ray starts actors with OMP_NUM_THREADS=1 (or their CPU reservation): give torch the
+            # CPUs this replica may use, else CPU generation runs on one core.
+            torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica) or os.cpu_count() or 1))
             self.engine = ExpertEngine(self.cfg.registry, host_cache_size=self.cfg.host_cache_size)
             try:
                 self.replica = serve.get_replica_context().replica_id.unique_id

@@ -144,9 +144,7 @@ def prepared_subject(spec: Spec, root: Path):
     cfg = spec.train_config().resolve(native_resolution=base.resolution)
     cache = ClassImageCache(root / "class-images")
     if spec.prior:
-        req = ClassImageRequest(class_prompt=cfg.class_prompt.format(class_noun="dog"), resolution=cfg.resolution,
-                                count=cfg.num_class_images, steps=cfg.class_generation_steps,
-                                guidance_scale=cfg.class_guidance_scale)
+        req = ClassImageRequest.for_config(cfg, cfg.class_prompt.format(class_noun="dog"))
         folder = cache.folder_for(base, req)
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(cfg.num_class_images):

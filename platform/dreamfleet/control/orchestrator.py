@@ -22,6 +22,7 @@ from typing import Any
 from dreamfleet.core.config import cfg, to_dict
 from dreamfleet.core.errors import ConfigError, DataError
 from dreamfleet.core.version import code_version
+from dreamfleet.registry.store import now
 from dreamfleet.trainers.config import TrainConfig
 
 log = logging.getLogger("dreamfleet")
@@ -127,7 +128,7 @@ def run_fanout(
     registry.write_run(run_id, {
         "manifest": manifest_uri, "base_model": base_model, "subjects": chosen, "skipped": skipped,
         "train_config": to_dict(train_cfg), "fanout": to_dict(fan), "code_version": code_version(),
-        "started_at": _now(), "state": "running", "ray_address": fan.address or os.environ.get("RAY_ADDRESS"),
+        "started_at": now(), "state": "running", "ray_address": fan.address or os.environ.get("RAY_ADDRESS"),
         "job_id": os.environ.get("RAY_JOB_ID") or os.environ.get("DREAMFLEET_JOB_ID"),
     })
     for sid in todo:
@@ -146,15 +147,9 @@ def run_fanout(
     done = [s for s, st in states.items() if st and st.state == "done"]
     failed = {s: (st.error if st else "no state") or "unknown" for s, st in states.items() if s not in set(done)}
     summary = RunSummary(run_id, done, failed, skipped, time.perf_counter() - t0, generated)
-    registry.update_run(run_id, state="finished", finished_at=_now(), done=done, failed=failed,
+    registry.update_run(run_id, state="finished", finished_at=now(), done=done, failed=failed,
                         wall_time_s=round(summary.wall_time_s, 2), class_images_generated=generated)
     return summary
-
-
-def _now() -> str:
-    from dreamfleet.registry.store import now
-
-    return now()
 
 
 def _absolute(uri: str) -> str:
@@ -295,8 +290,7 @@ def pregenerate_class_images(manifest, subjects, base_model, train_cfg: TrainCon
             continue  # reported when the subject trains
         if not c.with_prior_preservation:
             continue
-        req = ClassImageRequest(c.class_prompt.format(class_noun=record.class_noun, identifier=""), c.resolution,
-                                c.num_class_images, c.class_generation_steps, c.class_guidance_scale)
+        req = ClassImageRequest.for_config(c, c.class_prompt.format(class_noun=record.class_noun, identifier=""))
         key = req.key(base) + str(req.count)
         if key not in requests or requests[key].count < req.count:
             requests[key] = req

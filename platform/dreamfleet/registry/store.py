@@ -303,13 +303,7 @@ class Registry:
         local = cache / re.sub(r"[^A-Za-z0-9._-]+", "_", self.uri) / subject_id / version
         if not (local / EXPERT_FILE).is_file():
             tmp = local.with_name(f".{version}.{uuid.uuid4().hex[:8]}")
-            infos = self.fs.get_file_info(pafs.FileSelector(remote, recursive=True))
-            for info in infos:
-                if info.type == pafs.FileType.File:
-                    target = tmp / info.path[len(remote) + 1:]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with self.fs.open_input_stream(info.path) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
+            self.download(f"subjects/{subject_id}/versions/{version}", tmp)
             local.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, local) if not local.exists() else shutil.rmtree(tmp, ignore_errors=True)
         return local

@@ -43,6 +43,13 @@ class ClassImageRequest:
     guidance_scale: float = 7.5
     seed: int = 0
 
+    @classmethod
+    def for_config(cls, cfg, class_prompt: str) -> ClassImageRequest:
+        """The request a resolved ``TrainConfig`` makes: the one place that maps config
+        fields to generation settings, so every caller computes the same cache key."""
+        return cls(class_prompt=class_prompt, resolution=cfg.resolution, count=cfg.num_class_images,
+                   steps=cfg.class_generation_steps, guidance_scale=cfg.class_guidance_scale)
+
     def key(self, base: BaseModel) -> str:
         # count is not part of the key: a larger request extends the same folder.
         return sha256_json({

@@ -275,10 +275,7 @@ def prepare_subject(
     class_bchw, class_meta = None, None
     if cfg.with_prior_preservation:
         cache = class_cache or ClassImageCache()
-        req = ClassImageRequest(
-            class_prompt=class_prompt, resolution=cfg.resolution, count=cfg.num_class_images,
-            steps=cfg.class_generation_steps, guidance_scale=cfg.class_guidance_scale,
-        )
+        req = ClassImageRequest.for_config(cfg, class_prompt)
         base.unet.to(device)
         got = cache.ensure(base, req, device=device)
         class_bchw = torch.stack([

@@ -23,7 +23,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from dreamfleet.core.config import from_dict, to_dict
 from dreamfleet.core.errors import ConfigError, DreamfleetError
 from dreamfleet.core.hashing import sha256_json
 from dreamfleet.core.models import load_base
+from dreamfleet.registry.store import now
 from dreamfleet.trainers.class_images import ClassImageCache
 from dreamfleet.trainers.config import TrainConfig
 from dreamfleet.trainers.dreambooth import (
@@ -344,16 +345,10 @@ def _train_leased(gc: GroupConfig, dist: DistContext, queue, registry, manifest,
                                         "steps_executed": tracker.steps_executed, "run_id": gc.run_id})
             version = registry.publish(subject_id, out)
             registry.update_state(subject_id, state="done", version=version, error=None,
-                                  finished_at=_now(), step=result.final_step)
+                                  finished_at=now(), step=result.final_step)
             ray.get(queue.finish.remote(gc.group, subject_id, True, None, False))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _now() -> str:
-    from dreamfleet.registry.store import now
-
-    return now()
 
 
 def _gather_pids(dist: DistContext) -> list[int]:
@@ -399,6 +394,3 @@ class _StateTracker:
             loss_prior=self.last.get("loss_prior"), recent_losses=self.recent, worker=worker, **extra,
         )
 
-
-def default_train_config(**overrides: Any) -> dict[str, Any]:
-    return to_dict(replace(TrainConfig(), **overrides))

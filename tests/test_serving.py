@@ -66,6 +66,7 @@ def server(tmp_path_factory):
     keys = KeyStore(tmp / "reg" / "serving" / "keys.json")
     tokens = {"acme": keys.create("acme")[1], "bravo": keys.create("bravo")[1], "admin": keys.create(None, admin=True)[1]}
     cfg = ServeConfig(registry=str(tmp / "reg"), port=free_port(), max_models_per_replica=4, host_cache_size=8,
+                      max_body_bytes=1_000_000,
                       registry_ttl_s=0.5)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
     serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)

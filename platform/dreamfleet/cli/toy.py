@@ -52,6 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model", default="toy")
     p.set_defaults(handler=run_microbench)
 
+    from dreamfleet.toy.apprentice_bench import ApprenticeBenchConfig
+
+    p = tsub.add_parser("apprentice", help="SuTI end to end on the toy world: experts, gather, apprentice, held-out eval")
+    p.add_argument("--out", required=True, type=Path, help="work folder (stages already there are skipped)")
+    C.add_arguments(p, ApprenticeBenchConfig, skip=("heldout_train",))
+    p.set_defaults(handler=run_apprentice_bench)
+
     p = tsub.add_parser("samples", help="a sample grid of a base model, one row per prompt")
     p.add_argument("--base-model", default="toy")
     p.add_argument("--out", required=True, type=Path, help="PNG to write")
@@ -136,4 +143,16 @@ def run_samples(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out)
     print(f"samples: {args.out}")
+    return 0
+
+
+def run_apprentice_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from dreamfleet.toy.apprentice_bench import ApprenticeBenchConfig, run_apprentice_bench
+
+    c = C.from_dict(ApprenticeBenchConfig, C.overrides_from_args(ApprenticeBenchConfig, args))
+    summary = run_apprentice_bench(args.out, c)
+    print((args.out / "eval" / "results.md").read_text())
+    print(json.dumps(summary["time_to_first_image"], indent=1))
     return 0

@@ -61,6 +61,24 @@ EVAL_PROMPTS = (
 SUBJECT_SEED = 6  # the issue number: the photos of every subject come from this stream
 
 
+def procedural_subjects(n: int, *, seed: int = 7, exclude: tuple[ToySubject, ...] = SUBJECTS) -> list[ToySubject]:
+    """``n`` distinct random subjects (class, design, two colours) for training the apprentice.
+
+    None of them is one of ``exclude`` (by default the eight named subjects, the held-out
+    evaluation set), in either colour order, so evaluation subjects stay unseen.
+    """
+    from dreamfleet.toy.world import CLASSES, COLOURS, DESIGNS
+
+    taken = {(s.cls, s.design, frozenset((s.colour, s.colour2))) for s in exclude}
+    combos = [(cls, design, c1, c2) for cls in CLASSES for design in DESIGNS for c1 in COLOURS for c2 in COLOURS
+              if c1 != c2 and (cls, design, frozenset((c1, c2))) not in taken]
+    if n > len(combos):
+        raise ValueError(f"only {len(combos)} distinct procedural subjects exist, {n} asked")
+    random.Random(seed).shuffle(combos)
+    return [ToySubject(f"gen-{i:04d}-{cls}-{design}", cls, c1, c2, design)
+            for i, (cls, design, c1, c2) in enumerate(combos[:n])]
+
+
 def subject_scenes(subject: ToySubject, n: int = 5, *, seed: int = SUBJECT_SEED, stream: int = 0) -> list[Scene]:
     """``n`` scenes of the subject: three contexts (varying per subject), random sizes and positions."""
     key = sum(ord(ch) * (i + 1) for i, ch in enumerate(subject.subject_id))
@@ -80,7 +98,7 @@ def random_subject_scene(subject: ToySubject, rng: random.Random) -> Scene:
 
 
 def write_subjects_manifest(out: str | Path, *, images_per_subject: int = 5, overwrite: bool = False,
-                            subjects: tuple[ToySubject, ...] = SUBJECTS):
+                            subjects: tuple[ToySubject, ...] | list[ToySubject] = SUBJECTS):
     """Render every subject's photos and build a manifest of them at ``out``."""
     from dreamfleet.data.build import BuildConfig, SubjectSpec, build_manifest
 

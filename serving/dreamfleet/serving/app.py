@@ -1,6 +1,7 @@
 """The Ray Serve application: a FastAPI ingress and a multiplexed expert-model deployment.
 
-Routes: ``POST /v1/generate``, ``POST /v1/images/generations`` (OpenAI-compatible),
+Routes: ``POST /v1/generate`` (with ``subject``: its expert; with ``demonstrations``: the
+zero-shot apprentice deployment, when the server has one), ``POST /v1/images/generations`` (OpenAI-compatible),
 ``GET /v1/subjects``, ``GET /v1/subjects/{id}/sample.png``, ``GET /healthz``, ``GET /metrics``
 (Prometheus text format).
 
@@ -129,16 +130,53 @@ def build_app(cfg: ServeConfig):
         async def stats(self) -> dict[str, Any]:
             return {"replica": self.replica, "stats": self.engine.stats.as_dict(), "loaded": self.engine.loaded()}
 
+    @serve.deployment(
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        max_ongoing_requests=64,
+    )
+    class ApprenticeModel:
+        """The zero-shot apprentice: requests with demonstrations instead of a subject."""
+
+        def __init__(self, cfg_dict: dict[str, Any]):
+            import os
+
+            import torch
+
+            from dreamfleet.serving.apprentice import ApprenticeEngine
+
+            self.cfg = from_dict(ServeConfig, cfg_dict)
+            torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica) or os.cpu_count() or 1))
+            self.engine = ApprenticeEngine(self.cfg.apprentice)
+            try:
+                self.replica = serve.get_replica_context().replica_id.unique_id
+            except Exception:
+                self.replica = uuid.uuid4().hex[:8]
+
+        async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
+            from dreamfleet.serving.apprentice import png_bytes
+
+            demos = item.pop("demonstrations")
+            images = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.engine.generate(demos, **item))
+            return {"images": [base64.b64encode(png_bytes(im)).decode() for im in images], "cache": "apprentice",
+                    "replica": self.replica, "stats": self.engine.stats.as_dict(), "loaded": ["apprentice"]}
+
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
     @serve.ingress(app)
     class Ingress:
-        def __init__(self, model, cfg_dict: dict[str, Any]):
+        def __init__(self, model, apprentice, cfg_dict: dict[str, Any]):
             from dreamfleet.registry import Registry
             from dreamfleet.serving.auth import KeyStore, default_keys_path
             from dreamfleet.serving.metrics import ServingMetrics
 
             self.cfg = from_dict(ServeConfig, cfg_dict)
             self.model = model
+            self.apprentice = apprentice
+            self.apprentice_info = None
+            if self.cfg.apprentice:
+                from dreamfleet.core.apprentice import ApprenticeInfo
+
+                self.apprentice_info = ApprenticeInfo.read(self.cfg.apprentice)
             self.registry = Registry(self.cfg.registry, create=False)
             self.keys = KeyStore(self.cfg.keys or default_keys_path(self.cfg.registry))
             self.metrics = ServingMetrics()
@@ -236,10 +274,80 @@ def build_app(cfg: ServeConfig):
 
         # -------------------------------------------------------------- routes
 
+        def _demonstrations(self, body) -> list[bytes]:
+            """Decoded demonstration bytes, or 422 naming the one that is bad."""
+            from fastapi import HTTPException
+
+            from dreamfleet.core.errors import DataError
+            from dreamfleet.core.images import decode_image
+
+            out = []
+            for i, b64 in enumerate(body.demonstrations):
+                loc = ["body", "demonstrations", i]
+
+                def bad(kind: str, msg: str, loc=loc):
+                    return HTTPException(422, detail=[{"loc": loc, "type": kind, "msg": msg}])
+
+                try:
+                    data = base64.b64decode(b64, validate=True)
+                except (ValueError, TypeError):
+                    raise bad("not_base64", "not valid base64") from None
+                if len(data) > self.cfg.max_demo_bytes:
+                    raise bad("too_large", f"demonstration is {len(data)} bytes, over the limit of {self.cfg.max_demo_bytes}")
+                try:
+                    img = decode_image(data, name=f"demonstrations[{i}]")
+                except DataError as e:
+                    raise bad("not_an_image", str(e)) from None
+                if max(img.size) > self.cfg.max_demo_side:
+                    raise bad("too_large", f"demonstration is {img.size[0]}x{img.size[1]} px, over the limit of "
+                                           f"{self.cfg.max_demo_side} px a side")
+                out.append(data)
+            return out
+
+        async def _generate_zero_shot(self, body, t0):
+            from fastapi import HTTPException
+
+            from dreamfleet.core.apprentice import fill_prompt
+            from dreamfleet.core.models import load_tokenizer
+
+            if self.apprentice is None:
+                raise HTTPException(422, detail=[{"loc": ["body", "demonstrations"], "type": "no_apprentice",
+                                                  "msg": "this server has no apprentice; ask for a 'subject', or start "
+                                                         "the server with --apprentice DIR"}])
+            info = self.apprentice_info
+            demos = self._demonstrations(body)
+            prompt = fill_prompt(body.prompt, info.identifier, body.class_noun)
+            tok = load_tokenizer(info.base_model["spec"])
+            n = len(tok(prompt).input_ids)
+            if n > tok.model_max_length:
+                raise HTTPException(422, detail=[{"loc": ["body", "prompt"], "type": "too_long",
+                                                  "msg": f"prompt is {n} tokens, over the limit of {tok.model_max_length}"}])
+            width, height = self._size(info, body.width, body.height)
+            seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+            rid = uuid.uuid4().hex[:16]
+            item = {"demonstrations": demos, "prompt": body.prompt, "class_noun": body.class_noun,
+                    "num_images": body.num_images, "steps": body.steps, "guidance_scale": body.guidance_scale,
+                    "seed": seed, "width": width, "height": height}
+            try:
+                reply = await self.apprentice.generate.remote(item)
+            except Exception:
+                log.exception("request %s failed", rid)
+                self.metrics.failure("generate")
+                return JSONResponse(status_code=500, headers={"X-Dreamfleet-Request-ID": rid}, content={
+                    "error": "generation failed inside the model; the server is still up", "request_id": rid})
+            self.metrics.generation(reply, len(reply["images"]))
+            self.metrics.observe("generate", time.perf_counter() - t0)
+            return JSONResponse(headers={"X-Dreamfleet-Request-ID": rid}, content={
+                "images": reply["images"], "subject": None, "apprentice": info.identifier,
+                "demonstrations": len(demos), "seed": seed, "prompt": prompt, "width": width, "height": height,
+                "request_id": rid})
+
         @app.post("/v1/generate")
         async def generate(self, body: GenerateRequest, authorization: str | None = Header(None)):
             t0 = time.perf_counter()
             caller = self._caller(authorization)
+            if body.demonstrations is not None:
+                return await self._generate_zero_shot(body, t0)  # any valid key: no tenant's data
             info, version = self._resolve(caller, body.subject, body.version)
             prompt = info.prompt(body.prompt)
             self._check_prompt(info, prompt)
@@ -314,4 +422,5 @@ def build_app(cfg: ServeConfig):
             return self.metrics.snapshot()
 
     model = ExpertModel.options(num_replicas=cfg.replicas).bind(to_dict(cfg))
-    return Ingress.bind(model, to_dict(cfg))
+    apprentice = ApprenticeModel.bind(to_dict(cfg)) if cfg.apprentice else None
+    return Ingress.bind(model, apprentice, to_dict(cfg))

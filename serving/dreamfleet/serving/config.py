@@ -26,7 +26,10 @@ class ServeConfig:
     max_images: int = cfg(8, "largest num_images / n")
     min_side: int = cfg(64, "smallest width/height")
     max_side: int = cfg(1024, "largest width/height")
-    max_body_bytes: int = cfg(1_000_000, "largest request body")
+    max_body_bytes: int = cfg(12_000_000, "largest request body (room for 8 demonstrations of max_demo_bytes)")
+    apprentice: str | None = cfg(None, "apprentice folder: serve requests with 'demonstrations' instead of 'subject'")
+    max_demo_bytes: int = cfg(1_000_000, "largest demonstration image (decoded base64 bytes)")
+    max_demo_side: int = cfg(2048, "largest demonstration width/height in px")
     default_steps: int = cfg(25, "steps when a request does not say")
     registry_ttl_s: float = cfg(2.0, "how long registry reads are cached; new experts appear within this")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dreamfleet.core.apprentice import MAX_DEMOS, MIN_DEMOS
 from dreamfleet.serving.config import ServeConfig
 
 MAX_PROMPT_CHARS = 2000
@@ -17,7 +18,12 @@ def request_models(cfg: ServeConfig):
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
 
-        subject: str = Field(min_length=1, max_length=128, description="subject id of the expert")
+        subject: str | None = Field(None, min_length=1, max_length=128, description="subject id of the expert")
+        demonstrations: list[str] | None = Field(
+            None, min_length=MIN_DEMOS, max_length=MAX_DEMOS,
+            description="instead of 'subject': 1-8 base64 photos of a new subject, for the zero-shot apprentice")
+        class_noun: str | None = Field(None, min_length=1, max_length=64,
+                                       description="with demonstrations: the subject's class, for '{subject}'")
         prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
                             description="'{subject}' or '[V]' is replaced by the expert's identifier and class noun")
         num_images: int = Field(1, ge=1, le=cfg.max_images)
@@ -41,6 +47,14 @@ def request_models(cfg: ServeConfig):
             if not v.strip():
                 raise ValueError("must not be blank")
             return v
+
+        @model_validator(mode="after")
+        def subject_or_demonstrations(self):
+            if (self.subject is None) == (self.demonstrations is None):
+                raise ValueError("give exactly one of 'subject' (an expert) or 'demonstrations' (photos for the apprentice)")
+            if self.subject is not None and self.class_noun is not None:
+                raise ValueError("'class_noun' goes with 'demonstrations'; an expert knows its class")
+            return self
 
     class OpenAIImageRequest(BaseModel):
         model_config = ConfigDict(extra="ignore", strict=True)

@@ -17,6 +17,7 @@ Nothing here imports the control plane: the queue is reached through its actor h
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -105,10 +106,10 @@ class DeepSpeedEngine:
     through DeepSpeed so that it knows where the accumulation boundary is.
     """
 
-    def __init__(self, objective: DreamBoothObjective, s: LoopSettings, stage: int, offload: bool):
+    def __init__(self, objective, s: LoopSettings, stage: int, offload: bool):
         import deepspeed
 
-        if objective.cfg.train_text_encoder:
+        if getattr(objective.cfg, "train_text_encoder", False):
             raise ConfigError("train_text_encoder is not supported with DeepSpeed ZeRO here; use --zero-stage 0")
         self.objective, self.s = objective, s
         params = [p for p in objective.unet.parameters() if p.requires_grad]
@@ -171,7 +172,7 @@ class DeepSpeedEngine:
         return None
 
 
-def build_engine(objective: DreamBoothObjective, s: LoopSettings, dist: DistContext, zero_stage: int, offload: bool) -> Engine:
+def build_engine(objective, s: LoopSettings, dist: DistContext, zero_stage: int, offload: bool) -> Engine:
     if zero_stage in (2, 3):
         return DeepSpeedEngine(objective, s, zero_stage, offload)
     if zero_stage != 0:
@@ -394,3 +395,73 @@ class _StateTracker:
             loss_prior=self.last.get("loss_prior"), recent_losses=self.recent, worker=worker, **extra,
         )
 
+
+
+# --------------------------------------------------------------------------- the apprentice
+
+
+@dataclass
+class ApprenticeRunConfig:
+    demo_set: str
+    base_model: str
+    out: str
+    train_config: dict[str, Any]
+    zero_stage: int = 0
+    offload: bool = False
+
+
+def apprentice_worker(config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker`` for the apprentice: the same loop, DDP or DeepSpeed.
+
+    Every rank draws its own batches (stream = rank); checkpoints are reported to Ray Train,
+    so a restarted group resumes from the last one; rank 0 publishes the apprentice folder.
+    """
+    import ray.train
+
+    from dreamfleet.trainers.apprentice import (
+        ApprenticeConfig,
+        ApprenticeObjective,
+        apprentice_loop_settings,
+        prepare_apprentice,
+        publish_apprentice,
+    )
+
+    rc = ApprenticeRunConfig(**config)
+    t0 = time.perf_counter()
+    ctx = ray.train.get_context()
+    dist = DistContext(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+    c = from_dict(ApprenticeConfig, rc.train_config)
+    p = prepare_apprentice(rc.demo_set, rc.base_model, c)
+    objective = ApprenticeObjective(p, rank=dist.rank)
+    settings = apprentice_loop_settings(p, progress=False)
+    engine = build_engine(objective, settings, dist, rc.zero_stage, rc.offload)
+    work = Path(tempfile.mkdtemp(prefix=f"dreamfleet-apprentice-r{dist.rank}-"))
+    try:
+        ckpt_dir = work / "checkpoints"
+        ckpt_dir.mkdir()
+        resume = ray.train.get_checkpoint()
+        if resume is not None:
+            with resume.as_directory() as d:
+                state = json.loads((Path(d) / "state.json").read_text())
+                shutil.copytree(d, ckpt_dir / f"step-{int(state['step']):08d}")
+
+        def on_checkpoint(step: int, path: Path) -> None:
+            from ray.train import Checkpoint
+
+            ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(str(path)),
+                             checkpoint_dir_name=f"apprentice-step{step:08d}")
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            if dist.is_main and step % 50 == 0:
+                log.info("apprentice step %d/%d loss %.4f", step, settings.steps, metrics["loss"])
+
+        result = run_loop(objective, settings, checkpoint_dir=ckpt_dir, engine=engine, is_main=dist.is_main,
+                          hooks=LoopHooks(on_step=on_step, on_checkpoint=on_checkpoint))
+        full = engine.full_unet_state() if isinstance(engine, DeepSpeedEngine) else None
+        if dist.is_main:
+            publish_apprentice(p, result, Path(rc.out), wall_time_s=time.perf_counter() - t0, full_state=full,
+                               extra_stats={"world_size": dist.world_size, "zero_stage": rc.zero_stage})
+        dist.barrier()
+        ray.train.report({"step": result.final_step, "loss": result.final_loss or 0.0})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,83 @@
+"""`dreamfleet apprentice train`: the apprentice on Ray Train (DDP or DeepSpeed ZeRO), or in process.
+
+The same :class:`~dreamfleet.trainers.apprentice.ApprenticeObjective` and training loop as
+``--local``; on Ray it runs as one ``TorchTrainer`` of N workers with checkpoints persisted
+to ``--storage`` (default: beside the output), so a failed worker group restarts from the
+last checkpoint (``FailureConfig``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from dreamfleet.core.apprentice import ApprenticeInfo
+from dreamfleet.core.config import cfg, to_dict
+from dreamfleet.core.errors import ConfigError
+
+log = logging.getLogger("dreamfleet")
+
+
+@dataclass
+class ApprenticeRuntime:
+    """Where and how the apprentice trains."""
+
+    local: bool = cfg(False, "train in this process, without Ray")
+    workers: int = cfg(1, "Ray Train workers (data parallel)")
+    cpus_per_worker: float = cfg(1.0, "CPUs per worker")
+    gpus_per_worker: float = cfg(0.0, "GPUs per worker")
+    zero_stage: int = cfg(0, "0: DDP; 2 or 3: DeepSpeed ZeRO")
+    offload: bool = cfg(False, "DeepSpeed: offload optimizer state to CPU")
+    max_failures: int = cfg(2, "worker-group restarts (each resumes from the last checkpoint)")
+    storage: str | None = cfg(None, "Ray Train storage for checkpoints (default: <out>.ray beside --out)")
+    address: str | None = cfg(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1")
+        if self.zero_stage not in (0, 2, 3):
+            raise ConfigError(f"zero_stage must be 0, 2 or 3, got {self.zero_stage}")
+
+
+def train(demo_set: str | Path, base_model: str, train_config, out: str | Path, rt: ApprenticeRuntime | None = None,
+          *, overwrite: bool = False) -> ApprenticeInfo:
+    from dreamfleet.control.orchestrator import _absolute, connect_ray
+    from dreamfleet.core.apprentice import APPRENTICE_FILE
+
+    rt = rt or ApprenticeRuntime()
+    out = Path(_absolute(str(out)))
+    if (out / APPRENTICE_FILE).is_file() and not overwrite:
+        raise ConfigError(f"{out} already holds an apprentice; pass --overwrite or choose another --out")
+    if rt.local:
+        from dreamfleet.trainers.apprentice import train_apprentice
+
+        return train_apprentice(demo_set, base_model, train_config, out, overwrite=overwrite)
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dreamfleet.trainers.runtime import ApprenticeRunConfig, apprentice_worker
+
+    connect_ray(rt.address)
+    rc = ApprenticeRunConfig(demo_set=_absolute(str(demo_set)), base_model=base_model, out=str(out),
+                             train_config=to_dict(train_config), zero_stage=rt.zero_stage, offload=rt.offload)
+    resources = {"CPU": rt.cpus_per_worker, **({"GPU": rt.gpus_per_worker} if rt.gpus_per_worker else {})}
+    storage = rt.storage or str(out.parent / f".{out.name}.ray")
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        apprentice_worker,
+        train_loop_config=dataclasses.asdict(rc),
+        scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=rt.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"apprentice-{uuid.uuid4().hex[:6]}", storage_path=_absolute(storage),
+                             failure_config=FailureConfig(max_failures=rt.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    trainer.fit()
+    info = ApprenticeInfo.read(out)
+    log.info("apprentice trained on Ray in %.0f s (%d worker(s)): %s", time.perf_counter() - t0, rt.workers, out)
+    return info

@@ -51,3 +51,25 @@ def test_flop_count_on_cpu(bench, tmp_path):
     row = bench.flops_per_step(bench.Spec(method="lora", steps=1, warmup=0, device="cpu", threads=1))
     assert row["flops_per_step"] > 0 and row["achieved_flop_s"] > 0
     assert "mfu" not in row  # no GPU: no peak rate to divide by
+
+
+PACKING = BENCH.parent / "packing.py"
+
+
+def test_packing_benchmark_writes_results(tmp_path):
+    """Sequential solo runs against one packed run, 2 subjects, 2 timed steps: it runs, and the
+    subjects' final losses agree between the two (the packed run trains the same subjects)."""
+    spec = importlib.util.spec_from_file_location("packing_bench", PACKING)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    out = tmp_path / "packing.json"
+    result = module.main(["--model", "tiny", "--subjects", "2", "--steps", "2", "--warmup", "1",
+                          "--repeats", "1", "--threads", "1", "--out", str(out)])
+    cmp = json.loads(out.read_text())["comparisons"]["2"]
+    assert cmp == json.loads(json.dumps(result["comparisons"]["2"]))
+    for variant in ("sequential", "packed"):
+        assert cmp[variant]["subjects_per_hour"]["median"] > 0
+        assert cmp[variant]["rss_peak_mb"]["median"] > 0
+        assert sorted(cmp[variant]["final_losses_first_run"]) == ["bench_dog0", "bench_dog1"]
+    assert cmp["speedup"] > 0 and cmp["final_loss_max_rel_diff"] < 1e-4

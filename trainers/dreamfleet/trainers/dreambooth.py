@@ -33,7 +33,14 @@ from dreamfleet.core.version import code_version
 from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
 from dreamfleet.trainers.config import TrainConfig
 from dreamfleet.trainers.loop import LoopHooks, LoopResult, LoopSettings, run_loop, step_generator
-from dreamfleet.trainers.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from dreamfleet.trainers.lora import (
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    LoraWeights,
+    add_lora,
+    save_lora,
+    write_lora,
+)
 
 log = logging.getLogger("dreamfleet")
 
@@ -113,6 +120,21 @@ def check_prompt_length(tokenizer, prompt: str, what: str) -> None:
         )
 
 
+@dataclass
+class DreamBoothBatch:
+    """One micro-batch of UNet inputs and targets (instance samples first, then class samples)."""
+
+    noisy_bchw: torch.Tensor
+    timesteps: torch.Tensor
+    cond: torch.Tensor  # text embeddings, one per sample
+    target_bchw: torch.Tensor
+    prior: bool  # the second half is class samples for the prior-preservation loss
+
+    @property
+    def size(self) -> int:
+        return self.noisy_bchw.shape[0]
+
+
 class DreamBoothObjective:
     """Batch -> loss for DreamBooth with optional prior preservation."""
 
@@ -181,7 +203,9 @@ class DreamBoothObjective:
         eps = torch.randn(mean.shape, generator=g)
         return ((mean + std * eps) * self.scaling_factor).to(self.device)
 
-    def loss(self, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch(self, step: int, micro_step: int) -> DreamBoothBatch:
+        """The UNet's inputs and targets for (step, micro_step): instance images, then as many
+        class images with prior preservation; data order, noise and timesteps from (seed, step)."""
         cfg = self.cfg
         g = step_generator(cfg.seed, step, stream=micro_step * 1024 + self.rank)
         bs = cfg.batch_size
@@ -201,20 +225,29 @@ class DreamBoothObjective:
             cond = self.text_encoder(ids)[0]
         else:
             cond = torch.cat([self.inst_emb] * bs + ([self.class_emb] * bs if prior else []))
-        pred_bchw = self.forward_unet(noisy_bchw, timesteps, cond.to(self.device)).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target_bchw = self.scheduler.get_velocity(latents_bchw, noise_bchw, timesteps)
         else:
             target_bchw = noise_bchw
-        if prior:
+        return DreamBoothBatch(noisy_bchw, timesteps, cond.to(self.device), target_bchw, prior)
+
+    def loss_terms(self, pred_bchw: torch.Tensor, batch: DreamBoothBatch) -> dict[str, torch.Tensor]:
+        """``loss = mse(instance) + prior_loss_weight * mse(class)`` of the UNet's prediction."""
+        if batch.prior:
             pred_i, pred_c = pred_bchw.float().chunk(2)
-            target_i, target_c = target_bchw.float().chunk(2)
+            target_i, target_c = batch.target_bchw.float().chunk(2)
             loss_instance = F.mse_loss(pred_i, target_i)
             loss_prior = F.mse_loss(pred_c, target_c)
-            loss = loss_instance + cfg.prior_loss_weight * loss_prior
-            return loss, {"loss": loss.item(), "loss_instance": loss_instance.item(), "loss_prior": loss_prior.item()}
-        loss = F.mse_loss(pred_bchw.float(), target_bchw.float())
-        return loss, {"loss": loss.item(), "loss_instance": loss.item()}
+            loss = loss_instance + self.cfg.prior_loss_weight * loss_prior
+            return {"loss": loss, "loss_instance": loss_instance, "loss_prior": loss_prior}
+        loss = F.mse_loss(pred_bchw.float(), batch.target_bchw.float())
+        return {"loss": loss, "loss_instance": loss}
+
+    def loss(self, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        b = self.batch(step, micro_step)
+        pred_bchw = self.forward_unet(b.noisy_bchw, b.timesteps, b.cond).sample
+        terms = self.loss_terms(pred_bchw, b)
+        return terms["loss"], {k: v.item() for k, v in terms.items()}
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -290,34 +323,39 @@ def prepare_subject(
     )
 
 
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move ``module`` to ``device`` and cast it to ``dtype`` (the cast only when it differs)."""
     module.to(device)
     if next(module.parameters()).dtype != dtype:
         module.to(dtype)
 
 
+def setup_frozen(p: PreparedSubject) -> None:
+    """Freeze the VAE, and the text encoder unless it is trained; move them to the device in the weight dtype."""
+    frozen = [p.base.vae] + ([] if p.cfg.train_text_encoder else [p.base.text_encoder])
+    for module in frozen:
+        module.requires_grad_(False)
+        place_module(module, p.device, p.weight_dtype)
+
+
 def setup_trainable(p: PreparedSubject) -> None:
     """Freeze what is frozen, add LoRA adapters or unfreeze the UNet, move to the device."""
     cfg, base = p.cfg, p.base
-    base.vae.requires_grad_(False)
-    _place(base.vae, p.device, p.weight_dtype)
+    setup_frozen(p)
     if cfg.method == "lora":
-        _place(base.unet, p.device, p.weight_dtype)
+        place_module(base.unet, p.device, p.weight_dtype)
         add_lora(base.unet, cfg.lora_rank, cfg.lora_alpha, UNET_TARGETS, seed=cfg.seed)
     else:
         base.unet.requires_grad_(True)
-        _place(base.unet, p.device, torch.float32)
+        place_module(base.unet, p.device, torch.float32)
     if cfg.train_text_encoder:
         if cfg.method == "lora":
-            _place(base.text_encoder, p.device, p.weight_dtype)
+            place_module(base.text_encoder, p.device, p.weight_dtype)
             add_lora(base.text_encoder, cfg.lora_rank, cfg.lora_alpha, TEXT_ENCODER_TARGETS, seed=cfg.seed + 1)
         else:
             base.text_encoder.requires_grad_(True)
-            _place(base.text_encoder, p.device, torch.float32)
+            place_module(base.text_encoder, p.device, torch.float32)
         base.text_encoder.train()
-    else:
-        base.text_encoder.requires_grad_(False)
-        _place(base.text_encoder, p.device, p.weight_dtype)
     # Trainable parameters stay fp32 (master weights) whatever the frozen weights' dtype.
     for module in (base.unet, base.text_encoder):
         for param in module.parameters():
@@ -424,16 +462,21 @@ def publish_expert(
     wall_time_s: float,
     overwrite: bool,
     unet_state: dict[str, torch.Tensor] | None = None,
+    unet_lora: LoraWeights | None = None,
     extra_stats: dict | None = None,
 ) -> ExpertInfo:
     """Write the expert folder atomically: weights, expert.json, validation grids, instance photos.
 
     ``unet_state``: the consolidated full UNet state dict, when the module itself holds only a
-    shard (DeepSpeed ZeRO-3).
+    shard (DeepSpeed ZeRO-3). ``unet_lora``: the subject's UNet adapter, when the UNet holds
+    several subjects' adapters (multi-subject packing) rather than one PEFT adapter.
     """
     cfg, base = p.cfg, p.base
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        if cfg.method == "lora":
+        if unet_lora is not None:
+            write_lora(tmp, unet_lora)
+            weights = ["pytorch_lora_weights.safetensors"]
+        elif cfg.method == "lora":
             save_lora(tmp, base.unet, base.text_encoder if cfg.train_text_encoder else None, unet_state=unet_state)
             weights = ["pytorch_lora_weights.safetensors"]
         elif unet_state is not None:

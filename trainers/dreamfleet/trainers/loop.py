@@ -146,12 +146,16 @@ class LocalEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
+    def clip_gradients(self) -> dict[str, float]:
+        """Clip the gradients to ``max_grad_norm`` (one global norm); returns the norm before clipping."""
+        return {"grad_norm": float(torch.nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm))}
+
     def step(self) -> dict[str, float]:
         out = {}
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.s.max_grad_norm > 0:
-            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm))
+            out.update(self.clip_gradients())
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

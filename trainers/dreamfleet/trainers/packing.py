@@ -1,0 +1,399 @@
+"""Multi-subject packing: several subjects' LoRA DreamBooth runs share one UNet pass.
+
+A batch of LoRA DreamBooth is tiny (1 instance + 1 class image), so one subject's run leaves a
+GPU mostly idle. Packing trains S subjects at once: each LoRA-targeted Linear of the frozen
+UNet holds the S adapters stacked (A [S, r, in], B [S, out, r]), and sample i of the batch
+goes through adapter ``subject[i]`` (batched LoRA, as in S-LoRA and Punica).
+
+Each subject's micro-batch is drawn by its own :class:`DreamBoothObjective`, from its own
+seed, exactly as its solo run draws it. The loss is the sum of the subjects' own DreamBooth
+losses; samples do not interact in the UNet, so adapter s gets exactly the gradient of
+subject s's loss. AdamW is elementwise and :class:`PackedEngine` clips each subject's
+gradient by its own norm, so each adapter follows its solo run up to float summation order.
+Each subject is published as an ordinary LoRA expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dreamfleet.core.config import to_dict
+from dreamfleet.core.errors import ConfigError
+from dreamfleet.core.expert import EXPERT_FILE
+from dreamfleet.core.images import image_grid
+from dreamfleet.core.models import BaseModel, load_base
+from dreamfleet.trainers.class_images import ClassImageCache
+from dreamfleet.trainers.config import TrainConfig
+from dreamfleet.trainers.dreambooth import (
+    DreamBoothObjective,
+    PreparedSubject,
+    SubjectData,
+    TrainResult,
+    loop_settings,
+    place_module,
+    prepare_subject,
+    publish_expert,
+    setup_frozen,
+    validation_images,
+    work_dir_for,
+)
+from dreamfleet.trainers.loop import LocalEngine, LoopHooks, LoopResult, LoopSettings, run_loop
+from dreamfleet.trainers.lora import UNET_TARGETS, LoraWeights, initial_lora
+
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+class SubjectRouter:
+    """Which adapter each sample of the next UNet pass goes through: a tensor of subject
+    indices, one per sample, or one index for the whole batch (validation images)."""
+
+    def __init__(self) -> None:
+        self.subjects: torch.Tensor | int | None = None
+
+
+class PackedLoRALinear(torch.nn.Module):
+    """A frozen Linear plus S LoRA adapters: ``base(x) + scale * B[s] @ A[s] @ x`` with s the
+    sample's subject, as PEFT's ``lora_B(lora_A(x)) * scaling`` for one adapter."""
+
+    def __init__(
+        self,
+        base: torch.nn.Linear,
+        a_sri: torch.Tensor,
+        b_sor: torch.Tensor,
+        scale: float,
+        router: SubjectRouter,
+        name: str,
+    ):
+        super().__init__()
+        self.base = base
+        self.lora_A = torch.nn.Parameter(a_sri)
+        self.lora_B = torch.nn.Parameter(b_sor)
+        self.scale, self.router, self.name = scale, router, name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)  # frozen weights in a low precision, adapter in fp32
+        sel = self.router.subjects
+        if isinstance(sel, int):
+            delta = F.linear(F.linear(x, self.lora_A[sel]), self.lora_B[sel])
+        else:
+            n = x.shape[0]
+            if sel is None or sel.numel() != n:
+                got = "none" if sel is None else f"{sel.numel()}"
+                raise RuntimeError(
+                    f"packed LoRA {self.name}: input has {n} samples but {got} subject indices "
+                    "were selected; call PackedLoRA.select before the UNet"
+                )
+            x_nti = x.reshape(n, -1, x.shape[-1])  # attention inputs are (batch, tokens, features)
+            h_ntr = torch.bmm(x_nti, self.lora_A[sel].transpose(1, 2))
+            delta = torch.bmm(h_ntr, self.lora_B[sel].transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        return out + (delta * self.scale).to(out.dtype)
+
+
+class PackedLoRA:
+    """S subjects' LoRA adapters on the target modules of one UNet."""
+
+    def __init__(self, unet: torch.nn.Module, adapters: Sequence[LoraWeights]):
+        first = adapters[0]
+        for w in adapters[1:]:
+            if w.layers.keys() != first.layers.keys() or w.metadata != first.metadata:
+                raise ConfigError("packed adapters must have the same target modules, rank and alpha")
+        self.unet, self.router, self.metadata = unet, SubjectRouter(), first.metadata
+        self.layers: dict[str, PackedLoRALinear] = {}
+        for name in [k[: -len(LORA_A)] for k in first.layers if k.endswith(LORA_A)]:
+            base = unet.get_submodule(name)
+            device = base.weight.device
+            a_sri = torch.stack([w.layers[name + LORA_A] for w in adapters]).to(device)
+            b_sor = torch.stack([w.layers[name + LORA_B] for w in adapters]).to(device)
+            layer = PackedLoRALinear(base, a_sri, b_sor, first.scale, self.router, name)
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent), child, layer)
+            self.layers[name] = layer
+
+    @property
+    def num_subjects(self) -> int:
+        return next(iter(self.layers.values())).lora_A.shape[0]
+
+    def select(self, subjects: torch.Tensor | int) -> None:
+        """Route the next UNet passes: one subject index per sample, or one for all samples."""
+        self.router.subjects = subjects
+
+    def adapter(self, i: int) -> LoraWeights:
+        """Subject i's adapter, in the format :func:`dreamfleet.trainers.lora.write_lora` saves."""
+        layers = {}
+        for name, layer in self.layers.items():
+            layers[name + LORA_A] = layer.lora_A[i].detach().to("cpu", torch.float32).contiguous()
+            layers[name + LORA_B] = layer.lora_B[i].detach().to("cpu", torch.float32).contiguous()
+        return LoraWeights(layers, self.metadata)
+
+    def remove(self) -> None:
+        """Put the plain Linear layers back (the UNet is the base model again)."""
+        for name, layer in self.layers.items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.unet.get_submodule(parent), child, layer.base)
+        self.layers = {}
+
+
+# --------------------------------------------------------------------------- objective and engine
+
+
+class PackedObjective:
+    """The sum of S subjects' DreamBooth losses, in one UNet pass (an :class:`Objective`)."""
+
+    def __init__(
+        self, objectives: Sequence[DreamBoothObjective], packed: PackedLoRA, subject_ids: Sequence[str]
+    ):
+        self.objectives, self.packed, self.subject_ids = list(objectives), packed, list(subject_ids)
+        self.forward_unet = packed.unet
+        self._routes: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.packed.unet}
+
+    def _route(self, sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        if sizes not in self._routes:
+            index = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+            self._routes[sizes] = index.to(device)
+        return self._routes[sizes]
+
+    def loss(self, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        batches = [o.batch(step, micro_step) for o in self.objectives]
+        sizes = tuple(b.size for b in batches)
+        noisy_bchw = torch.cat([b.noisy_bchw for b in batches])
+        self.packed.select(self._route(sizes, noisy_bchw.device))
+        pred_bchw = self.forward_unet(
+            noisy_bchw, torch.cat([b.timesteps for b in batches]), torch.cat([b.cond for b in batches])
+        ).sample
+        total, names, values = None, [], []
+        for sid, o, b, pred_s in zip(
+            self.subject_ids, self.objectives, batches, pred_bchw.split(sizes), strict=True
+        ):
+            terms = o.loss_terms(pred_s, b)
+            total = terms["loss"] if total is None else total + terms["loss"]
+            names += [f"{sid}/{k}" for k in terms]
+            values += [v.detach() for v in terms.values()]
+        metrics = dict(zip(names, torch.stack(values).tolist(), strict=True))  # one device sync
+        for sid in self.subject_ids:
+            if not math.isfinite(metrics[f"{sid}/loss"]):
+                raise FloatingPointError(
+                    f"subject {sid!r}: loss became {metrics[f'{sid}/loss']} at step {step + 1} "
+                    "of a packed run; lower its learning rate or train it alone"
+                )
+        metrics["loss"] = sum(metrics[f"{sid}/loss"] for sid in self.subject_ids)
+        return total, metrics
+
+
+class PackedEngine(LocalEngine):
+    """:class:`LocalEngine` with per-subject gradient clipping: every trainable tensor is
+    stacked over subjects (dim 0), and subject s's slices are clipped by their own global norm,
+    as ``clip_grad_norm_`` clips them in s's solo run. AdamW itself is elementwise."""
+
+    def __init__(self, objective: PackedObjective, s: LoopSettings):
+        super().__init__(objective, s)
+        self.subject_ids = objective.subject_ids
+        bad = [tuple(p.shape) for p in self.params if p.shape[0] != len(self.subject_ids)]
+        if bad:
+            raise RuntimeError(
+                f"packed engine: trainable tensors not stacked over {len(self.subject_ids)} subjects: {bad}"
+            )
+
+    def clip_gradients(self) -> dict[str, float]:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        # As clip_grad_norm_: the norm of the per-tensor norms, here one per subject.
+        norms_ps = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
+        norm_s = torch.linalg.vector_norm(norms_ps, dim=0)
+        coef_s = (self.s.max_grad_norm / (norm_s + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef_s.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
+        return {f"{sid}/grad_norm": v for sid, v in zip(self.subject_ids, norm_s.tolist(), strict=True)}
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def check_packable(prepared: Sequence[PreparedSubject]) -> None:
+    """Subjects pack when they share the base model and every config field but the seed."""
+    if not prepared:
+        raise ConfigError("packing needs at least one subject")
+    ids = [p.subject.subject_id for p in prepared]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"subjects {dupes} appear more than once in the pack")
+    first = prepared[0]
+    cfg = first.cfg
+    if cfg.method != "lora" or cfg.train_text_encoder:
+        raise ConfigError(
+            "packing trains UNet LoRA adapters only (method=lora, train_text_encoder off); "
+            "train other subjects one at a time with train_subject"
+        )
+    if first.autocast_dtype == torch.float16:
+        raise ConfigError(
+            "packing does not support fp16 mixed precision (one grad scaler would skip every "
+            "subject's step when one overflows); use bf16 or no mixed precision"
+        )
+    shared = to_dict(dataclasses.replace(cfg, seed=0))
+    for p in prepared[1:]:
+        if p.base is not first.base:
+            raise ConfigError(f"subject {p.subject.subject_id!r}: packed subjects must share one base model")
+        other = to_dict(dataclasses.replace(p.cfg, seed=0))
+        diff = [k for k in shared if shared[k] != other[k]]
+        if diff:
+            raise ConfigError(
+                f"subject {p.subject.subject_id!r}: packed subjects share every config field but seed; "
+                f"{diff[0]!r} is {other[diff[0]]!r} here and {shared[diff[0]]!r} for {ids[0]!r}"
+            )
+
+
+def setup_packed(prepared: Sequence[PreparedSubject]) -> PackedLoRA:
+    """Freeze the base model and put each subject's initial adapter (the one its solo run
+    starts from: same rank, alpha, targets, seed) into stacked packed layers."""
+    check_packable(prepared)
+    p0 = prepared[0]
+    cfg, unet = p0.cfg, p0.base.unet
+    setup_frozen(p0)
+    place_module(unet, p0.device, p0.weight_dtype)
+    inits: dict[int, LoraWeights] = {}
+    for p in prepared:
+        if p.cfg.seed not in inits:
+            inits[p.cfg.seed] = initial_lora(
+                unet, cfg.lora_rank, cfg.lora_alpha, UNET_TARGETS, seed=p.cfg.seed
+            )
+    packed = PackedLoRA(unet, [inits[p.cfg.seed] for p in prepared])
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # recomputation sees the same routing: select() persists
+    unet.train()
+    return packed
+
+
+def packed_objective(prepared: Sequence[PreparedSubject], packed: PackedLoRA) -> PackedObjective:
+    objectives = [
+        DreamBoothObjective(
+            p.base,
+            p.cfg,
+            p.instance_bchw,
+            p.class_bchw,
+            p.instance_prompt,
+            p.class_prompt,
+            p.device,
+            p.weight_dtype,
+        )
+        for p in prepared
+    ]
+    return PackedObjective(objectives, packed, [p.subject.subject_id for p in prepared])
+
+
+def packed_loop_settings(prepared: Sequence[PreparedSubject], *, progress: bool = True) -> LoopSettings:
+    s = loop_settings(prepared[0].cfg, prepared[0], progress=progress)
+    return dataclasses.replace(s, description=f"packed dreambooth x{len(prepared)}")
+
+
+def subject_result(result: LoopResult, subject_id: str) -> LoopResult:
+    """One subject's view of a packed run: its own losses and gradient norm, the shared lr."""
+    prefix = f"{subject_id}/"
+    history = [
+        {
+            "step": h["step"],
+            **{k[len(prefix) :]: v for k, v in h.items() if k.startswith(prefix)},
+            **({"lr": h["lr"]} if "lr" in h else {}),
+        }
+        for h in result.history
+    ]
+    return dataclasses.replace(result, history=history)
+
+
+def pack_work_dir(out_dirs: Sequence[Path]) -> Path:
+    """Checkpoints of a packed run: beside the first expert, named after all the pack's experts."""
+    key = hashlib.sha256("\n".join(str(Path(o).resolve()) for o in out_dirs).encode()).hexdigest()[:12]
+    return Path(out_dirs[0]).parent / f".pack-{key}.work"
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def train_packed(
+    subjects: Sequence[SubjectData],
+    base: BaseModel | str,
+    cfg: TrainConfig | Sequence[TrainConfig],
+    out_dirs: Sequence[str | Path],
+    *,
+    class_cache: ClassImageCache | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[TrainResult]:
+    """Train several subjects' LoRA experts in one packed run; publish each at its ``out_dirs`` entry.
+
+    ``cfg`` is one config for all subjects or one per subject (differing only in ``seed``).
+    Each expert is what :func:`dreamfleet.trainers.dreambooth.train_subject` would publish
+    for its subject, up to float summation order; an interrupted run resumes from the newest
+    checkpoint of the pack when called again with the same arguments.
+    """
+    t0 = time.perf_counter()
+    out_dirs = [Path(o) for o in out_dirs]
+    cfgs = [cfg] * len(subjects) if isinstance(cfg, TrainConfig) else list(cfg)
+    if not (len(subjects) == len(cfgs) == len(out_dirs)):
+        raise ConfigError(
+            f"{len(subjects)} subjects, {len(cfgs)} configs and {len(out_dirs)} output folders: "
+            "give one of each per subject"
+        )
+    for out in out_dirs:
+        if (out / EXPERT_FILE).is_file() and not overwrite:
+            raise ConfigError(
+                f"{out} already holds an expert; pass --overwrite to replace it, or choose another --out"
+            )
+    base = load_base(base) if isinstance(base, str) else base
+    # Class images come from the plain base model: prepare every subject before packing.
+    prepared = [
+        prepare_subject(s, base, c, class_cache=class_cache) for s, c in zip(subjects, cfgs, strict=True)
+    ]
+    packed = setup_packed(prepared)
+    objective = packed_objective(prepared, packed)
+    settings = packed_loop_settings(prepared, progress=progress)
+    works = [work_dir_for(out) for out in out_dirs]
+    for work in works:
+        (work / "validation").mkdir(parents=True, exist_ok=True)
+
+    def on_validation(step: int) -> None:
+        for i, (p, work) in enumerate(zip(prepared, works, strict=True)):
+            packed.select(i)
+            images = validation_images(p)
+            grid = image_grid(images, rows=len(p.cfg.validation_prompts), cols=p.cfg.num_validation_images)
+            grid.save(work / "validation" / f"step-{step:08d}.png")
+
+    pack_work = pack_work_dir(out_dirs)
+    result = run_loop(
+        objective,
+        settings,
+        checkpoint_dir=pack_work / "checkpoints",
+        hooks=LoopHooks(on_step=on_step, on_validation=on_validation),
+        engine=PackedEngine(objective, settings),
+    )
+    wall = time.perf_counter() - t0
+    ids = objective.subject_ids
+    results = []
+    for i, (p, out, work) in enumerate(zip(prepared, out_dirs, works, strict=True)):
+        r = subject_result(result, ids[i])
+        info = publish_expert(
+            p,
+            r,
+            out,
+            work,
+            wall_time_s=wall,
+            overwrite=overwrite,
+            unet_lora=packed.adapter(i),
+            extra_stats={"packed": {"subjects": ids, "index": i}},
+        )
+        results.append(TrainResult(expert_dir=out, info=info, loop=r))
+    for work in [*works, pack_work]:
+        shutil.rmtree(work, ignore_errors=True)
+    return results

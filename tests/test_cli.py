@@ -74,9 +74,29 @@ def test_user_mistakes_exit_cleanly(tmp_path, setup, extra, message):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    subject_folder(tmp_path, "pics", n=3)
-    r = cli("demo", "--out", str(tmp_path / "demo"), "--images", str(tmp_path / "pics"), "--steps", "4", cwd=tmp_path)
+    # `make demo` with one toy subject and 4 steps: the fan-out, the evaluation, results.md and the grid
+    r = cli("demo", "--out", str(tmp_path / "demo"), "--subjects", "ball-halves", "--steps", "4", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "demo" / "grid.png").is_file()
-    assert (tmp_path / "demo" / "experts" / "pics" / "expert.json").is_file()
-    assert "grid:" in r.stdout and "outputs in" in r.stdout
+    out = tmp_path / "demo"
+    # trained through the fan-out: the expert is published to the demo's registry
+    assert (out / "registry" / "subjects" / "ball-halves" / "versions" / "v0001" / "expert.json").is_file()
+    results = (out / "results.md").read_text()
+    assert "| ball-halves | DreamBooth | ball |" in results and "| ball-halves | base | ball |" in results
+    assert "prompt_fidelity_novel" in results
+    from PIL import Image
+
+    assert Image.open(out / "grid.png").size[0] > 10 * 96  # 5 photos + 5 contexts at 96 px
+    assert "grid:" in r.stdout and "results:" in r.stdout and "outputs in" in r.stdout
+
+
+def test_demo_takes_your_photos(tmp_path):
+    import argparse
+
+    from dreamfleet.cli.demo import _write_manifest
+    from dreamfleet.data.manifest import Manifest
+
+    folder = subject_folder(tmp_path, "pics", n=3)
+    args = argparse.Namespace(images=folder, class_noun="teddy bear", subjects="ball-halves")
+    assert _write_manifest(args, tmp_path / "manifest") == ["pics"]
+    rec = Manifest.open(tmp_path / "manifest").record("pics")
+    assert rec.class_noun == "teddy bear" and rec.num_images == 3 and "on the beach" in rec.eval_prompts[3]

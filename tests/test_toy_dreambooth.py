@@ -1,9 +1,12 @@
 """DreamBooth's claims on the toy model, with fixed seeds (the microbench, small).
 
 The first effect of the paper: after DreamBooth, subject fidelity is far above the base
-model's. The third: with prior preservation, class drift ("a ball" drawing the subject)
-is clearly lower than without. The fast test runs one subject with few prompts; the slow one
-runs every toy subject with the full microbench recipe.
+model's. The second: prompt fidelity stays close to the base model's (recontextualisation
+works); "close" is at least 0.85 of the base model's (docs/microbench.md). The third: with
+prior preservation, class drift ("a ball" drawing the subject) is clearly lower than
+without. The fast test runs one subject with two prompts and asserts the first and third
+(two prompts are too few to measure the second); the slow one runs every toy subject with
+the full microbench recipe and asserts all three.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def _check_effects(summary: dict[str, dict[str, float]]) -> None:
         assert tuned["subject_fidelity"] > max(0.01, 10 * base["subject_fidelity"]), summary
         assert tuned["subject_similarity"] > base["subject_similarity"] + 0.03, summary
     # Third effect: prior preservation keeps "a [class]" from turning into the subject.
+    # (Without it the class does drift: the drift is there to be prevented.)
     assert plain["class_drift"] > 0.02, summary
     assert prior["class_drift"] < 0.5 * plain["class_drift"], summary
 
@@ -43,16 +47,18 @@ def test_dreambooth_effects_one_subject(tmp_path):
     assert (tmp_path / "grids" / "dreambooth+prior" / "ball-halves.png").is_file()
 
 
+# "Close to the base model's" prompt fidelity, as docs/microbench.md defines it.
+CLOSE = 0.85
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the second effect (prompt fidelity close to the base model's) does not appear yet "
-                   "with this recipe: see docs/microbench.md", strict=False)
 def test_dreambooth_effects_all_subjects(tmp_path):
     rows = run_microbench(tmp_path, MicrobenchConfig())
     summary = summarise(rows)
     _check_effects(summary)
     # Second effect: recontextualisation works, prompt fidelity stays close to the base model's.
     for label in ("dreambooth", "dreambooth+prior"):
-        assert summary[label]["prompt_fidelity"] > 0.8 * summary["base"]["prompt_fidelity"], summary
+        assert summary[label]["prompt_fidelity"] >= CLOSE * summary["base"]["prompt_fidelity"], summary
 
 
 def test_eval_writes_table_and_grids(tmp_path):

@@ -1,150 +1,216 @@
 """`dreamfleet demo`: the platform's main job end to end on the embedded default.
 
-An embedded local Ray runs one DreamBooth fine-tune of one subject on the default base
-model (the toy model, pretrained on the procedural toy world and shipped in the
-repository), then the demo writes an image grid: the training photos above the expert's
-generations in new contexts, and the base model's for the same prompts.
+Four toy subjects (one per toy class) go through the real fan-out
+(:func:`dreamfleet.control.orchestrator.run_fanout` on an embedded local Ray: class images
+with Ray Data, DreamBooth in Ray Train worker groups, experts published to a registry) with
+the microbench's recipe on the toy model shipped in the repository. Each expert and the
+untouched base model are then evaluated with the toy metrics (in Ray tasks), and the demo
+writes ``results.md`` (the metric table) and ``grid.png``: each subject's training photos
+beside its expert's generations in the five contexts, with the base model's below.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("dreamfleet")
 
-DEMO_PROMPTS = ["a {identifier} {class_noun} on the grass", "a {identifier} {class_noun} on the beach",
-                "a {identifier} {class_noun} on a rug"]
+# One subject per toy class; of the three balls, two boxes and two cups, the one whose expert
+# (with prior preservation) draws it best in the microbench (docs/microbench.md).
+DEMO_SUBJECTS = ("ball-halves", "box-diagonal", "cup-band", "kite-cross")
+CELL = 96  # px of one image in grid.png (the toy model draws 32 px)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="train one subject on an embedded local Ray and write an image grid",
+        help="train toy subjects through the fan-out on an embedded local Ray; write results.md and grid.png",
     )
-    p.add_argument("--out", type=Path, default=Path("demo"), help="output folder")
+    p.add_argument("--out", type=Path, default=Path("demo"), help="output folder (its registry is replaced)")
     p.add_argument("--base-model", default="toy", help="base model spec")
-    p.add_argument("--images", type=Path,
-                   help="subject photos (default: the toy subject 'ball-halves' for the toy model, else DreamBench 'dog')")
-    p.add_argument("--class-noun", default="dog")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded Ray")
+    p.add_argument("--subjects", default=",".join(DEMO_SUBJECTS), help="comma-separated toy subject ids")
+    p.add_argument("--images", type=Path, help="a folder of your own photos to train instead of the toy subjects")
+    p.add_argument("--class-noun", default="dog", help="the class of the --images subject")
+    p.add_argument("--steps", type=int, help="DreamBooth steps (default: the microbench recipe's)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded Ray (one subject trains per CPU)")
     p.set_defaults(handler=run)
 
 
-def _find_images(args: argparse.Namespace) -> tuple[Path, str]:
+def _write_manifest(args: argparse.Namespace, folder: Path) -> list[str]:
+    """The demo's subjects as a manifest; returns their ids."""
     if args.images:
-        return args.images, args.class_noun
-    if args.base_model == "toy":
-        from dreamfleet.toy.subjects import SUBJECTS_BY_ID, subject_images
+        from dreamfleet.core.images import list_image_files, load_subject_images
+        from dreamfleet.data.build import BuildConfig, SubjectSpec, build_manifest
+        from dreamfleet.toy.subjects import EVAL_PROMPTS
 
-        subject = SUBJECTS_BY_ID["ball-halves"]
-        folder = args.out / "subject" / subject.subject_id
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(subject_images(subject, 5)):
-            img.save(folder / f"{i:02d}.png")
-        return folder, subject.cls
-    for root in (Path.cwd(), *Path.cwd().parents):
-        candidate = root.parent / "shared" / "dreambench" / "dog"
-        if candidate.is_dir():
-            return candidate, "dog"
-        if (root / ".git").exists():
-            break
-    folder = args.out / "subject"
-    _synthetic_subject(folder)
-    return folder, "ball"
+        load_subject_images(args.images)  # fail fast, on the driver, with a clear message
+        spec = SubjectSpec(subject_id=args.images.name, class_noun=args.class_noun,
+                           files=list_image_files(args.images), eval_prompts=list(EVAL_PROMPTS),
+                           source=str(args.images))
+        build_manifest([spec], folder, BuildConfig(min_side=16, min_images=1), overwrite=True)
+        return [spec.subject_id]
+    from dreamfleet.toy.subjects import SUBJECTS_BY_ID, write_subjects_manifest
 
+    ids = [s.strip() for s in args.subjects.split(",") if s.strip()]
+    unknown = [s for s in ids if s not in SUBJECTS_BY_ID]
+    if unknown or not ids:
+        from dreamfleet.core.errors import ConfigError
 
-def _synthetic_subject(folder: Path) -> None:
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(4):
-        img = Image.new("RGB", (128, 128), (90 + 30 * i, 160, 90))
-        d = ImageDraw.Draw(img)
-        x, y = 30 + 10 * i, 40 - 5 * i
-        d.ellipse((x, y, x + 60, y + 60), fill=(200, 40, 40))
-        d.rectangle((x + 22, y + 10, x + 38, y + 50), fill=(250, 220, 0))
-        img.save(folder / f"{i:02d}.png")
+        raise ConfigError(f"unknown toy subject(s) {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(SUBJECTS_BY_ID)}")
+    write_subjects_manifest(folder, subjects=tuple(SUBJECTS_BY_ID[s] for s in ids), overwrite=True)
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from dreamfleet.core.images import image_grid, load_subject_images
+    from dreamfleet.control.orchestrator import FanoutConfig, connect_ray, run_fanout
+    from dreamfleet.eval.evaluate import write_table
+    from dreamfleet.registry import Registry
+    from dreamfleet.toy.microbench import microbench_train_config
 
     t0 = time.perf_counter()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    images_dir, class_noun = _find_images(args)
-    load_subject_images(images_dir)  # fail fast, on the driver, with a clear message
-    print(f"subject photos: {images_dir} (class '{class_noun}')")
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ids = _write_manifest(args, out / "manifest")
+    print(f"subjects: {', '.join(ids)} (manifest {out / 'manifest'})")
+    shutil.rmtree(out / "registry", ignore_errors=True)  # a fresh run every time
+    train_cfg = microbench_train_config(**({"steps": args.steps} if args.steps else {}))
+    fan = FanoutConfig(max_concurrent=max(1, min(args.num_cpus, len(ids))), cpus_per_worker=1,
+                       class_cache=str(out / "class-images"), class_image_actors=args.num_cpus)
+    connect_ray(None, num_cpus=args.num_cpus)
     try:
-        task = ray.remote(num_cpus=args.num_cpus)(_train_remote)
-        expert_dir, info = ray.get(task.remote(str(images_dir), class_noun, args.base_model, args.steps, str(out)))
+        summary = run_fanout(str(out / "manifest"), str(out / "registry"), args.base_model, train_cfg, fan,
+                             subjects=ids, run_id="demo")
+        print(f"{len(summary.done)} expert(s) trained through the fan-out, {time.perf_counter() - t0:.0f} s "
+              f"so far (registry {out / 'registry'})")
+        for sid, error in summary.failed.items():
+            print(f"  FAILED {sid}: {error}")
+        registry = Registry(out / "registry")
+        task = ray.remote(num_cpus=1)(_evaluate_subject)
+        results = ray.get([task.remote(str(out / "manifest"), sid, str(registry.fetch(sid)), args.base_model)
+                           for sid in summary.done])
     finally:
         ray.shutdown()
-    print(f"expert: {expert_dir}  (identifier '{info['identifier']}', final loss {info['final_loss']:.4f})")
-    rows, cols = _grid_rows(Path(expert_dir), args.base_model, images_dir)
-    grid_path = out / "grid.png"
-    image_grid(rows, rows=len(rows) // cols, cols=cols).save(grid_path)
-    print(f"grid: {grid_path}")
-    print("  row 1: training photos; rows 2-4: the expert on "
-          + ", ".join(repr(p) for p in DEMO_PROMPTS) + "; rows 5-7: the base model on the same prompts")
-    if args.base_model == "tiny-random":  # (the toy model's generations are meaningful)
-        print("  note: tiny-random is an untrained random model, so its images are noise; "
-              "pass --base-model with a real Stable Diffusion folder for meaningful pictures")
+    if not results:
+        return 1
+    rows = [row for r in results for row in r["rows"]]
+    write_table(rows, out, title="dreamfleet demo: the toy model before and after DreamBooth")
+    _results_md(out, results, train_cfg, time.perf_counter() - t0)
+    _grid(results).save(out / "grid.png")
+    print(f"results: {out / 'results.md'}")
+    print(f"grid: {out / 'grid.png'}  (per subject: training photos | the expert in the five contexts; "
+          "below: the base model on the same prompts)")
     print(f"done in {time.perf_counter() - t0:.0f} s; outputs in {out}")
-    return 0
+    return 1 if summary.failed else 0
 
 
-def _train_remote(images_dir: str, class_noun: str, base_model: str, steps: int, out: str):
-    from dreamfleet.core.images import load_subject_images
-    from dreamfleet.trainers.class_images import ClassImageCache
-    from dreamfleet.trainers.config import TrainConfig
-    from dreamfleet.trainers.dreambooth import SubjectData, train_subject
-
-    photos = load_subject_images(images_dir)
-    subject = SubjectData(
-        subject_id=Path(images_dir).name, class_noun=class_noun, images=[p.image for p in photos], source=images_dir
-    )
-    # The toy microbench's recipe (docs/microbench.md): full fine-tuning at 3e-4 with prior preservation.
-    cfg = TrainConfig(steps=steps, method="full", learning_rate=3e-4, num_class_images=16,
-                      validation_every=max(steps // 2, 1), checkpoint_every=max(steps // 2, 1))
-    result = train_subject(subject, base_model, cfg, Path(out) / "experts" / subject.subject_id,
-                           class_cache=ClassImageCache(Path(out) / "class-images"), overwrite=True, progress=False)
-    return str(result.expert_dir), result.info.to_dict()
-
-
-def _grid_rows(expert_dir: Path, base_model: str, images_dir: Path):
-    import torch
-
-    from dreamfleet.core.expert import ExpertInfo
-    from dreamfleet.core.images import load_subject_images
+def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_model: str) -> dict[str, Any]:
+    """Base model and expert on the subject's evaluation prompts (a Ray task: 1 CPU, 1 torch thread)."""
     from dreamfleet.core.models import load_base
+    from dreamfleet.data.manifest import Manifest
+    from dreamfleet.eval.evaluate import (
+        EvalConfig,
+        Scorers,
+        SubjectCase,
+        expert_pipeline,
+        generate_case,
+        score_case,
+    )
+    from dreamfleet.toy.metrics import photo_contexts
 
-    info = ExpertInfo.read(expert_dir)
-    base = load_base(base_model)
-    res, cols = base.resolution, 4
-    train = [p.image.resize((res, res)) for p in load_subject_images(images_dir)][:cols]
-    train += [train[-1]] * (cols - len(train))
-    pipe = base.pipeline()
+    m = Manifest.open(manifest)
+    rec = m.record(subject_id)
+    photos = [im for _, im, _ in m.read_images(subject_id)]
+    c = EvalConfig()
+    scorers = Scorers(c)
+    pipe, info = expert_pipeline(Path(expert_dir))
+    case = SubjectCase(subject_id, rec.class_noun, info.identifier, list(rec.eval_prompts), photos, label="DreamBooth")
+    base_case = SubjectCase(subject_id, rec.class_noun, info.identifier, list(rec.eval_prompts), photos, label="base")
+    base_gen = generate_case(load_base(base_model).pipeline(), base_case, c, with_identifier=False)
+    gen = generate_case(pipe, case, c)
+    known = subject_id in scorers.judge.subjects
+    return {
+        "subject": subject_id, "identifier": info.identifier, "class": rec.class_noun, "photos": photos,
+        "prompts": gen.prompts, "expert": [row[0] for row in gen.images], "base": [row[0] for row in base_gen.images],
+        "photo_contexts": sorted(photo_contexts(scorers.judge, photos)) if known else [],
+        "rows": [score_case(base_gen, base_case, scorers, c), score_case(gen, case, scorers, c)],
+    }
 
-    def generate(prompt_template: str) -> list:
-        gens = [torch.Generator().manual_seed(i) for i in range(cols)]
-        return pipe([info.prompt(prompt_template)] * cols, num_inference_steps=25, height=res, width=res,
-                    generator=gens).images
 
-    base_rows = [img for t in DEMO_PROMPTS for img in generate(t)]
-    if info.method == "lora":
-        pipe.load_lora_weights(str(expert_dir))
+def _results_md(out: Path, results: list[dict], train_cfg, wall_s: float) -> None:
+    lines = []
+    for r in results:
+        where = f": photos {', '.join(r['photo_contexts'])}" if r["photo_contexts"] else ""
+        lines.append(f"- `{r['subject']}` ({r['class']}, identifier `{r['identifier']}`){where}")
+    if any("subject_fidelity" in row for r in results for row in r["rows"]):
+        table = (out / "results.md").read_text().split("\n", 2)[2]  # write_table's, without its title
     else:
-        from diffusers import UNet2DConditionModel
+        table = "(No toy metrics: the toy judge knows only the toy subjects.)\n"
+    text = f"""# dreamfleet demo
 
-        pipe.unet = UNet2DConditionModel.from_pretrained(expert_dir / "unet")
-    expert_rows = [img for t in DEMO_PROMPTS for img in generate(t)]
-    return train + expert_rows + base_rows, cols
+The toy base model before and after DreamBooth: full fine-tuning of the UNet,
+{train_cfg.steps} steps at learning rate {train_cfg.learning_rate:g}, prior preservation with
+{train_cfg.num_class_images} class images (the recipe of `docs/microbench.md`); one expert per
+subject, trained through the fan-out on an embedded local Ray. {wall_s:.0f} s in all.
+
+{chr(10).join(lines)}
+
+![grid](grid.png)
+
+`grid.png`, one block per subject: its training photos, then the expert's images of
+`a [V] <class> on the grass / in the snow / on the beach / at night / on a rug` (noise seed 0);
+below them the base model's images of the same prompts without `[V]`. A gold frame marks a
+context that none of the subject's photos shows: recontextualisation proper.
+
+Metrics (the toy judge, `docs/toy_world.md`; 4 images per prompt, 6 prompts): subject
+fidelity (is it the subject? the base model cannot draw it), subject similarity, prompt
+fidelity (class and context as prompted: close to the base model's means the expert still
+follows prompts), the same over the novel contexts only, and class drift (does the plain
+`a <class>` now draw the subject?).
+
+{table}"""
+    (out / "results.md").write_text(text)
+
+
+def _grid(results: list[dict]):
+    from PIL import Image, ImageDraw, ImageFont
+
+    from dreamfleet.toy.metrics import parse_prompt
+
+    font = ImageFont.load_default(13)
+    prompts = results[0]["prompts"]
+    # The prompts that name a context (all of them if none does): "new contexts".
+    cols = [j for j, p in enumerate(prompts) if parse_prompt(p).context is not None] or list(range(len(prompts)))
+    n_photos = max(len(r["photos"]) for r in results)
+    n_prompts = len(cols)
+    label_w, gap, pad, head = 120, 24, 4, 22
+    width = label_w + n_photos * (CELL + pad) + gap + n_prompts * (CELL + pad)
+    height = head + len(results) * (2 * (CELL + pad) + gap)
+    grid = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(grid)
+    x_gen = label_w + n_photos * (CELL + pad) + gap
+    d.text((label_w, 4), "training photos", fill="black", font=font)
+    for k, j in enumerate(cols):
+        d.text((x_gen + k * (CELL + pad), 4), parse_prompt(prompts[j]).context or prompts[j], fill="black", font=font)
+    for i, r in enumerate(results):
+        y = head + i * (2 * (CELL + pad) + gap)
+        d.text((4, y + 4), r["subject"], fill="black", font=font)
+        d.text((4, y + 22), "DreamBooth", fill="black", font=font)
+        d.text((4, y + CELL + pad + 4), "base model", fill="dimgray", font=font)
+        for k, im in enumerate(r["photos"]):
+            grid.paste(im.convert("RGB").resize((CELL, CELL), Image.NEAREST), (label_w + k * (CELL + pad), y))
+        for k, j in enumerate(cols):
+            prompt, x = r["prompts"][j], x_gen + k * (CELL + pad)
+            grid.paste(r["expert"][j].resize((CELL, CELL), Image.NEAREST), (x, y))
+            grid.paste(r["base"][j].resize((CELL, CELL), Image.NEAREST), (x, y + CELL + pad))
+            ctx = parse_prompt(prompt).context
+            if ctx is not None and r["photo_contexts"] and ctx not in r["photo_contexts"]:
+                d.rectangle((x - 2, y - 2, x + CELL + 1, y + CELL + 1), outline=(230, 170, 0), width=3)
+    return grid

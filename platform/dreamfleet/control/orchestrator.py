@@ -43,10 +43,11 @@ class FanoutConfig:
     retrain: bool = cfg(False, "train subjects that already have a published expert again (a new version)")
     address: str | None = cfg(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     class_cache: str | None = cfg(None, "class-image cache folder (default: <registry>/class-images on a local registry)")
+    class_image_actors: int = cfg(1, "Ray Data actors generating missing class images in parallel (each loads the base model)")
 
     def __post_init__(self) -> None:
-        if self.workers_per_subject < 1 or self.max_concurrent < 1:
-            raise ConfigError("workers_per_subject and max_concurrent must be at least 1")
+        if self.workers_per_subject < 1 or self.max_concurrent < 1 or self.class_image_actors < 1:
+            raise ConfigError("workers_per_subject, max_concurrent and class_image_actors must be at least 1")
         if self.zero_stage not in (0, 2, 3):
             raise ConfigError(f"zero_stage must be 0, 2 or 3, got {self.zero_stage}")
         if self.offload and self.zero_stage == 0:
@@ -141,7 +142,8 @@ def run_fanout(
     if todo:
         connect_ray(fan.address)
         if train_cfg.with_prior_preservation:
-            generated = pregenerate_class_images(manifest, todo, base_model, train_cfg, class_cache)
+            generated = pregenerate_class_images(manifest, todo, base_model, train_cfg, class_cache,
+                                                 actors=fan.class_image_actors)
         _run_groups(manifest_uri, registry, base_model, train_cfg, fan, todo, run_id, class_cache, progress)
     states = {sid: registry.get_state(sid) for sid in todo}
     done = [s for s, st in states.items() if st and st.state == "done"]
@@ -269,7 +271,8 @@ class _ClassImageGenerator:
         return {"generated": out}
 
 
-def pregenerate_class_images(manifest, subjects, base_model, train_cfg: TrainConfig, cache_root) -> int:
+def pregenerate_class_images(manifest, subjects, base_model, train_cfg: TrainConfig, cache_root, *,
+                             actors: int = 1) -> int:
     """Generate every missing class image of the run once per class, as a Ray Data batch job."""
     import json
 
@@ -305,7 +308,7 @@ def pregenerate_class_images(manifest, subjects, base_model, train_cfg: TrainCon
     log.info("generating class images for %d class(es) with Ray Data (%d chunks)", len(requests), len(rows))
     ds = ray.data.from_items(rows).map_batches(
         _ClassImageGenerator, fn_constructor_args=(base_model, cache_root), batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=min(actors, len(rows))), num_cpus=1,
     )
     generated = sum(int(r["generated"]) for r in ds.take_all())
     for req in requests.values():  # record the cache metadata (a full hit now)

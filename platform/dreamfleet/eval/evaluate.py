@@ -93,23 +93,45 @@ class Scorers:
             self.clip = ClipScorer(c.clip_model, c.device)
 
 
-def evaluate_case(pipe, case: SubjectCase, scorers: Scorers, c: EvalConfig, *, with_identifier: bool = True,
-                  grid_path: Path | None = None) -> dict[str, Any]:
-    """Generate and score one subject with one pipeline; returns a table row."""
-    from dreamfleet.toy import metrics as toy
+@dataclass
+class CaseImages:
+    """The images of one evaluation: ``images_per_prompt`` per prompt, and the plain class prompt's."""
 
+    prompts: list[str]
+    images: list[list[Image.Image]]
+    class_images: list[Image.Image]
+
+    @property
+    def flat(self) -> list[Image.Image]:
+        return [im for row in self.images for im in row]
+
+
+def generate_case(pipe, case: SubjectCase, c: EvalConfig, *, with_identifier: bool = True) -> CaseImages:
+    """The subject's prompts (identifier left out for a base model) and the plain class prompt."""
     prompts = case.prompts(with_identifier)
     images = generate(pipe, prompts, c.images_per_prompt, c)
-    class_imgs = generate(pipe, [f"a {case.class_noun}"], c.class_images, c)[0]
-    flat = [im for row in images for im in row]
+    class_images = generate(pipe, [f"a {case.class_noun}"], c.class_images, c)[0]
+    return CaseImages(prompts, images, class_images)
+
+
+def score_case(gen: CaseImages, case: SubjectCase, scorers: Scorers, c: EvalConfig) -> dict[str, Any]:
+    """The metrics of one subject's generated images; returns a table row."""
+    from dreamfleet.toy import metrics as toy
+
+    flat = gen.flat
     row: dict[str, Any] = {"subject": case.subject_id, "model": case.label, "class": case.class_noun,
                            "images": len(flat)}
     judge = scorers.judge
     if judge is not None and case.subject_id in judge.subjects:
+        per_prompt = [toy.prompt_fidelity(judge, ims, p) for ims, p in zip(gen.images, gen.prompts, strict=True)]
         row["subject_fidelity"] = toy.subject_fidelity(judge, flat, case.subject_id)
         row["subject_similarity"] = toy.subject_similarity(judge, flat, case.real_images)
-        row["prompt_fidelity"] = sum(toy.prompt_fidelity(judge, ims, p) for ims, p in zip(images, prompts, strict=True)) / len(prompts)
-        row["class_drift"] = toy.class_drift(judge, class_imgs, case.subject_id)
+        row["prompt_fidelity"] = sum(per_prompt) / len(per_prompt)
+        # Recontextualisation proper: the prompts whose context none of the subject's photos shows.
+        novel = toy.novel_context_prompts(judge, gen.prompts, case.real_images)
+        if novel:
+            row["prompt_fidelity_novel"] = sum(per_prompt[i] for i in novel) / len(novel)
+        row["class_drift"] = toy.class_drift(judge, gen.class_images, case.subject_id)
     if scorers.dino is not None:
         from dreamfleet.eval.metrics import dino_score
 
@@ -121,14 +143,27 @@ def evaluate_case(pipe, case: SubjectCase, scorers: Scorers, c: EvalConfig, *, w
         # CLIP-T with the identifier replaced by nothing: CLIP does not know the rare token.
         plain = [p for p in case.prompts(False) for _ in range(c.images_per_prompt)]
         row["clip_t"] = clip_t_score(scorers.clip, flat, plain)
-    if grid_path is not None:
-        rows = [*images, class_imgs[: c.images_per_prompt]]
-        grid_path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid([im for r in rows for im in r], rows=len(rows), cols=c.images_per_prompt).save(grid_path)
     return row
 
 
-METRIC_COLUMNS = ("subject_fidelity", "subject_similarity", "prompt_fidelity", "class_drift", "dino", "clip_i", "clip_t")
+def save_case_grid(gen: CaseImages, path: Path, c: EvalConfig) -> None:
+    """Rows: the prompts, then the class prompt; columns: the noise seeds."""
+    rows = [*gen.images, gen.class_images[: c.images_per_prompt]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([im for r in rows for im in r], rows=len(rows), cols=c.images_per_prompt).save(path)
+
+
+def evaluate_case(pipe, case: SubjectCase, scorers: Scorers, c: EvalConfig, *, with_identifier: bool = True,
+                  grid_path: Path | None = None) -> dict[str, Any]:
+    """Generate and score one subject with one pipeline; returns a table row."""
+    gen = generate_case(pipe, case, c, with_identifier=with_identifier)
+    row = score_case(gen, case, scorers, c)
+    if grid_path is not None:
+        save_case_grid(gen, grid_path, c)
+    return row
+
+
+METRIC_COLUMNS = ("subject_fidelity", "subject_similarity", "prompt_fidelity", "prompt_fidelity_novel", "class_drift", "dino", "clip_i", "clip_t")
 
 
 def write_table(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluation") -> tuple[Path, Path]:

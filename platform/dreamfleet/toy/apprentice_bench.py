@@ -43,7 +43,10 @@ class ApprenticeBenchConfig:
     apprentice_batch: int = cfg(16, "apprentice batch size")
     apprentice_lr: float = cfg(3e-4, "apprentice learning rate")
     heldout: list[str] = cfg([], "held-out subjects to evaluate (default: all eight named toy subjects)")
-    heldout_train: dict[str, Any] = cfg({}, "overrides of the held-out experts' recipe (the microbench's)")
+    heldout_train: dict[str, Any] = cfg(
+        {"steps": 400, "learning_rate": 3e-4},
+        "overrides of the held-out experts' recipe (the microbench's; pinned to the one docs/apprentice.md measured)",
+    )
     compare_unfiltered: bool = cfg(True, "also train an apprentice on the unfiltered renders (the filter's effect)")
     eval_images_per_prompt: int = cfg(4, "evaluation images per prompt (DreamBench: 4)")
     seed: int = cfg(0, "seed of every stage")

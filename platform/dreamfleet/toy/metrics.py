@@ -7,6 +7,8 @@
   images (DINO's pairing, on the judge's features).
 - **prompt fidelity**: the judge's probability of the prompt's class and of its context
   (mean of the two; class alone for a prompt without context). The toy analogue of CLIP-T.
+- **prompt fidelity, novel contexts**: prompt fidelity over only the prompts whose context
+  none of the subject's photos shows (recontextualisation proper).
 - **class drift**: subject fidelity of images generated from the plain class prompt
   ("a ball") by the fine-tuned model: how much of the subject leaks into its class.
 """
@@ -61,6 +63,18 @@ def prompt_fidelity(judge: ToyJudge, images, prompt: str) -> float:
     if content.context is not None:
         scores.append(probs["context"][:, CONTEXTS.index(content.context)])
     return float(torch.stack(scores).mean())
+
+
+def photo_contexts(judge: ToyJudge, real_images) -> set[str]:
+    """The contexts the judge reads in a subject's photos (it reads renders' contexts without error)."""
+    _, probs = judge.predict(real_images)
+    return {CONTEXTS[i] for i in probs["context"].argmax(-1).tolist()}
+
+
+def novel_context_prompts(judge: ToyJudge, prompts: list[str], real_images) -> list[int]:
+    """Indices of the prompts that ask for a context none of the subject's photos shows."""
+    seen = photo_contexts(judge, real_images)
+    return [i for i, p in enumerate(prompts) if (ctx := parse_prompt(p).context) is not None and ctx not in seen]
 
 
 def class_drift(judge: ToyJudge, class_images, subject_id: str) -> float:

@@ -24,11 +24,17 @@ log = logging.getLogger("dreamfleet")
 
 
 def microbench_train_config(**overrides):
-    """The DreamBooth recipe of the microbench (full fine-tuning, as in the paper)."""
+    """The DreamBooth recipe of the microbench: full fine-tuning of the UNet, as in the paper.
+
+    The learning rate follows the paper's ratio to pretraining: DreamBooth fine-tunes Stable
+    Diffusion (pretrained at 1e-4) at 5e-6, 1/20 of it; the toy model was pretrained at a peak
+    of 6e-4, so 3e-5. At 3e-4 (half the pretraining rate) the fine-tune rewrites the model:
+    its images stop changing with the prompt (docs/microbench.md has the sweep).
+    """
     from dreamfleet.trainers.config import TrainConfig
 
     kw: dict[str, Any] = dict(
-        method="full", steps=400, learning_rate=3e-4, batch_size=1, num_class_images=50,
+        method="full", steps=1200, learning_rate=3e-5, batch_size=1, num_class_images=50,
         class_generation_steps=25, class_guidance_scale=4.0, prior_loss_weight=1.0,
         checkpoint_every=0, validation_every=0, num_validation_images=1, validation_inference_steps=2,
         validation_prompts=["a {identifier} {class_noun}"], seed=0, device="cpu",
@@ -111,11 +117,14 @@ def _trained_pipeline(result, base_spec: str):
     return pipe
 
 
+METRICS = ("subject_fidelity", "subject_similarity", "prompt_fidelity", "prompt_fidelity_novel", "class_drift")
+
+
 def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Mean of each metric per model label."""
     out: dict[str, dict[str, float]] = {}
     for label in dict.fromkeys(r["model"] for r in rows):
         sel = [r for r in rows if r["model"] == label]
         out[label] = {k: sum(r[k] for r in sel) / len(sel)
-                      for k in ("subject_fidelity", "subject_similarity", "prompt_fidelity", "class_drift")}
+                      for k in METRICS if all(k in r for r in sel)}
     return out

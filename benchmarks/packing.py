@@ -146,16 +146,7 @@ def run_sequential(base, subjects, cfgs, cache, spec: PackSpec) -> dict:
     for subject, cfg in zip(subjects, cfgs, strict=True):
         p = prepare_subject(subject, base, cfg, class_cache=cache)
         setup_trainable(p)
-        objective = DreamBoothObjective(
-            p.base,
-            p.cfg,
-            p.instance_bchw,
-            p.class_bchw,
-            p.instance_prompt,
-            p.class_prompt,
-            p.device,
-            p.weight_dtype,
-        )
+        objective = DreamBoothObjective.from_prepared(p)
         stamps = Stamps(p.device)
         result = run_loop(objective, loop_settings(p.cfg, p, progress=False), hooks=LoopHooks(on_step=stamps))
         wall_s, cpu_s = stamps.timed(spec.warmup)

@@ -169,8 +169,7 @@ def run_dreamfleet(p, spec: Spec) -> dict:
 
     t0 = time.perf_counter()
     setup_trainable(p)
-    objective = DreamBoothObjective(p.base, p.cfg, p.instance_bchw, p.class_bchw, p.instance_prompt,
-                                    p.class_prompt, p.device, p.weight_dtype)
+    objective = DreamBoothObjective.from_prepared(p)
     sync(p.device)
     setup_s = time.perf_counter() - t0
     stamps: list[float] = []
@@ -383,8 +382,7 @@ def flops_per_step(spec: Spec) -> dict:
         torch.set_num_threads(spec.threads)
     p = prepared_subject(spec, Path(tempfile.mkdtemp(prefix="dreamfleet-mfu-")))
     setup_trainable(p)
-    objective = DreamBoothObjective(p.base, p.cfg, p.instance_bchw, p.class_bchw, p.instance_prompt,
-                                    p.class_prompt, p.device, p.weight_dtype)
+    objective = DreamBoothObjective.from_prepared(p)
     s = loop_settings(p.cfg, p, progress=False)
     engine = LocalEngine(objective, s)
 

@@ -170,6 +170,12 @@ class DreamBoothObjective:
                 self.inst_emb = self.text_encoder(self.instance_ids)[0].float()
                 self.class_emb = self.text_encoder(self.class_ids)[0].float()
 
+    @classmethod
+    def from_prepared(cls, p: PreparedSubject, rank: int = 0) -> DreamBoothObjective:
+        """The objective of a prepared subject (what every trainer, runtime and benchmark builds)."""
+        return cls(p.base, p.cfg, p.instance_bchw, p.class_bchw, p.instance_prompt, p.class_prompt, p.device,
+                   p.weight_dtype, rank=rank)
+
     def _token_ids(self, prompt: str) -> torch.Tensor:
         tok = self.base.tokenizer
         return tok(
@@ -435,9 +441,7 @@ def train_subject(
         raise ConfigError(f"{out_dir} already holds an expert; pass --overwrite to replace it, or choose another --out")
     p = prepare_subject(subject, base, cfg, class_cache=class_cache)
     setup_trainable(p)
-    objective = DreamBoothObjective(
-        p.base, p.cfg, p.instance_bchw, p.class_bchw, p.instance_prompt, p.class_prompt, p.device, p.weight_dtype
-    )
+    objective = DreamBoothObjective.from_prepared(p)
     work = work_dir_for(out_dir)
     (work / "validation").mkdir(parents=True, exist_ok=True)
 

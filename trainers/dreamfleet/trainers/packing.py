@@ -276,19 +276,7 @@ def setup_packed(prepared: Sequence[PreparedSubject]) -> PackedLoRA:
 
 
 def packed_objective(prepared: Sequence[PreparedSubject], packed: PackedLoRA) -> PackedObjective:
-    objectives = [
-        DreamBoothObjective(
-            p.base,
-            p.cfg,
-            p.instance_bchw,
-            p.class_bchw,
-            p.instance_prompt,
-            p.class_prompt,
-            p.device,
-            p.weight_dtype,
-        )
-        for p in prepared
-    ]
+    objectives = [DreamBoothObjective.from_prepared(p) for p in prepared]
     return PackedObjective(objectives, packed, [p.subject.subject_id for p in prepared])
 
 

@@ -299,8 +299,7 @@ def _train_leased(gc: GroupConfig, dist: DistContext, queue, registry, manifest,
 
         # 3. Train.
         setup_trainable(p)
-        objective = DreamBoothObjective(p.base, p.cfg, p.instance_bchw, p.class_bchw, p.instance_prompt,
-                                        p.class_prompt, p.device, p.weight_dtype, rank=dist.rank)
+        objective = DreamBoothObjective.from_prepared(p, rank=dist.rank)
         settings = loop_settings(p.cfg, p, progress=False)
         engine = build_engine(objective, settings, dist, gc.zero_stage, gc.offload)
         (work / "validation").mkdir()

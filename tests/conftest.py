@@ -18,6 +18,14 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+def pytest_configure(config):
+    """One torch thread in the test process: numerics comparisons (packing vs solo, resume,
+    caching) are exact only for a fixed reduction order, and CI has 2 cores shared with Ray."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded local Ray instance for the whole test session (127.0.0.1, no dashboard)."""

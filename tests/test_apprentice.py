@@ -30,8 +30,6 @@ from dreamfleet.trainers.apprentice import (
 from dreamfleet.trainers.class_images import ClassImageCache
 from dreamfleet.trainers.dreambooth import SubjectData, train_subject
 
-torch.set_num_threads(1)
-
 
 def png_b64(img: Image.Image) -> str:
     buf = io.BytesIO()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +41,10 @@ def fast_config(**overrides):
     )
     kw.update(overrides)
     return TrainConfig(**kw)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers started by a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

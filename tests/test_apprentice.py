@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import fast_config, picture
+from helpers import fast_config, free_port, picture
 from PIL import Image
 
 from dreamfleet.core.apprentice import Apprentice, ApprenticeArch, ApprenticeInfo
@@ -118,6 +117,26 @@ def test_apprentice_loss_falls_and_round_trips(demo_set, tmp_path):
     assert np.abs(pixels(a[0]) - pixels(b[0])).max() <= 1  # same weights after save/load
 
 
+def test_photo_targets_are_a_subjects_photo_conditioned_on_its_other_photos(demo_set):
+    c = ApprenticeConfig(steps=1, batch_size=12, photo_targets=1.0, min_demos=3, max_demos=3, drop_text=0.0,
+                         drop_demos=0.0, drop_both=0.0, device="cpu")
+    p = prepare_apprentice(demo_set, "toy", c)
+    latents, _noisy, _t, text, demos, _noise = ApprenticeObjective(p).batch(0, 0)
+    seen = set()
+    for i in range(len(latents)):
+        owners = {(s, j) for row in demos[i] for s, pool in enumerate(p.demo_latents) for j in range(len(pool))
+                  if torch.equal(row, pool[j])}
+        subjects = {s for s, _ in owners}
+        assert len(subjects) == 1 and len(owners) == 3  # three different photos of one subject
+        s = subjects.pop()
+        (target,) = set(range(4)) - {j for _, j in owners}  # the fourth photo is the target, not a demonstration
+        dist = [float((latents[i] - m).norm()) for m in p.photo_mean[s]]
+        assert min(range(4), key=dist.__getitem__) == target
+        assert torch.equal(text[i], p.photo_emb[s][target])
+        seen.add(s)
+    assert len(seen) > 1
+
+
 def test_gather_filters_by_fidelity_gain_and_writes_shards(ray_local, tmp_path):
     from dreamfleet.control.gather import GatherConfig, gather
     from dreamfleet.data.manifest import Manifest
@@ -182,12 +201,6 @@ def test_cli_generate_from_demonstrations(apprentice_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------- serving
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import fast_config, picture, subject_folder
+from helpers import fast_config, free_port, picture, subject_folder
 
 from dreamfleet.dashboard.config import DashboardConfig
 from dreamfleet.dashboard.server import build_dashboard_app
@@ -23,12 +22,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 LOOPBACK = ("127.0.0.1", 50000)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_expert(folder: Path, sid: str, *, n_steps: int = 5) -> Path:

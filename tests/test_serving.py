@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import fast_config, picture
+from helpers import fast_config, free_port, picture
 from PIL import Image
 
 from dreamfleet.core.expert import ExpertInfo
@@ -27,12 +26,6 @@ from dreamfleet.trainers.dreambooth import SubjectData, train_subject
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 GEN = {"steps": 3, "seed": 7, "width": 64, "height": 64}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(tmp: Path, sid: str, seed: int, tenant: str | None, method: str = "lora") -> Path:

@@ -17,6 +17,7 @@ Stages (each skipped when its output exists, so an interrupted run continues):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -39,9 +40,10 @@ class ApprenticeBenchConfig:
     max_concurrent: int = cfg(2, "worker groups / gather actors in parallel")
     threshold: float = cfg(0.05, "gather filter: fidelity gain over the base render")
     images_per_prompt: int = cfg(2, "gather: renders per expert and template")
-    apprentice_steps: int = cfg(1500, "apprentice optimizer steps")
+    apprentice_steps: int = cfg(4000, "apprentice optimizer steps")
     apprentice_batch: int = cfg(16, "apprentice batch size")
-    apprentice_lr: float = cfg(3e-4, "apprentice learning rate")
+    apprentice_lr: float = cfg(3e-3, "apprentice learning rate")
+    photo_targets: float = cfg(0.5, "also train an apprentice with this fraction of photo targets (0: skip it)")
     heldout: list[str] = cfg([], "held-out subjects to evaluate (default: all eight named toy subjects)")
     heldout_train: dict[str, Any] = cfg(
         {"steps": 400, "learning_rate": 3e-4},
@@ -103,13 +105,17 @@ def run_apprentice_bench(out: str | Path, c: ApprenticeBenchConfig | None = None
     stage("filter", demo_set, lambda: print(filter_demo_set(all_set, demo_set, threshold=c.threshold)))
 
     acfg = ApprenticeConfig(steps=c.apprentice_steps, batch_size=c.apprentice_batch, learning_rate=c.apprentice_lr,
-                            checkpoint_every=250, seed=c.seed, device="cpu")
+                            checkpoint_every=500, seed=c.seed, device="cpu")
     runtime = ApprenticeRuntime(workers=1, cpus_per_worker=float(c.max_concurrent))
-    apprentices = {"apprentice (zero-shot)": (out / "apprentice", demo_set)}
+    apprentices = {"apprentice (zero-shot)": (out / "apprentice", demo_set, acfg)}
+    if c.photo_targets > 0:
+        apprentices["apprentice, renders + photo targets"] = (
+            out / "apprentice-photos", demo_set, dataclasses.replace(acfg, photo_targets=c.photo_targets))
     if c.compare_unfiltered:
-        apprentices["apprentice, unfiltered renders"] = (out / "apprentice-unfiltered", all_set)
-    for name, (app_dir, data) in apprentices.items():
-        stage(name, app_dir, lambda app_dir=app_dir, data=data: train_apprentice_ray(data, "toy", acfg, app_dir, runtime))
+        apprentices["apprentice, unfiltered renders"] = (out / "apprentice-unfiltered", all_set, acfg)
+    for name, (app_dir, data, ac) in apprentices.items():
+        stage(name, app_dir,
+              lambda app_dir=app_dir, data=data, ac=ac: train_apprentice_ray(data, "toy", ac, app_dir, runtime))
 
     held_reg = out / "heldout-registry"
     held_cfg = microbench_train_config(**c.heldout_train)

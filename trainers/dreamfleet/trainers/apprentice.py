@@ -8,6 +8,12 @@ real photos, K drawn per step from ``[min_demos, max_demos]``. Only the added mo
 ``train_unet`` is set. Text and demonstrations are dropped (empty prompt, zero latents) for a
 fraction of the samples, so that classifier-free guidance works on both.
 
+With ``photo_targets`` > 0, that fraction of the samples instead takes one of the subject's
+own photos as the target (its caption as the prompt) and the subject's *other* photos as the
+demonstrations: clean, leave-one-out reconstruction targets beside the experts' renders (as
+encoder methods such as ELITE and BLIP-Diffusion train; SuTI itself uses renders only, the
+default ``0``).
+
 :class:`ApprenticeObjective` plugs into :func:`dreamfleet.trainers.loop.run_loop`; the Ray
 Train runtime (:func:`dreamfleet.trainers.runtime.apprentice_worker`) wraps the same objective
 in DDP or DeepSpeed.
@@ -62,6 +68,8 @@ class ApprenticeConfig:
     drop_text: float = cfg(0.05, "fraction of samples trained with an empty prompt")
     drop_demos: float = cfg(0.05, "fraction trained without demonstrations (zero latents)")
     drop_both: float = cfg(0.05, "fraction trained with neither (unconditional)")
+    photo_targets: float = cfg(0.0, "fraction of samples whose target is one of the subject's own photos, the others "
+                                    "its demonstrations (0: expert renders only, as SuTI)")
     grid: int = cfg(4, "tokens per demonstration = grid x grid")
     encoder_width: int = cfg(64, "channels of the demonstration encoder")
     train_unet: bool = cfg(False, "also fine-tune the whole UNet (SuTI fine-tunes the apprentice fully)")
@@ -81,6 +89,8 @@ class ApprenticeConfig:
         for name in ("drop_text", "drop_demos", "drop_both"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1)")
+        if not 0.0 <= self.photo_targets <= 1.0:
+            raise ConfigError(f"photo_targets must be in [0, 1], got {self.photo_targets}")
         if self.drop_text + self.drop_demos + self.drop_both >= 1.0:
             raise ConfigError("drop_text + drop_demos + drop_both must be below 1")
 
@@ -102,6 +112,9 @@ class PreparedApprentice:
     target_subject: torch.Tensor  # [T] subject index of each target
     target_emb: torch.Tensor  # [T, L, D] text embedding of each target's prompt
     empty_emb: torch.Tensor  # [1, L, D]
+    photo_mean: list[torch.Tensor]  # per subject: [n_demos, C, h, w] (photos as targets; empty unless photo_targets)
+    photo_std: list[torch.Tensor]
+    photo_emb: list[torch.Tensor]  # per subject: [n_demos, L, D] text embedding of each photo's caption
     dataset: dict
     input_hash: str
 
@@ -130,9 +143,17 @@ def prepare_apprentice(demo_set: str | Path, base: BaseModel | str, c: Apprentic
     res = base.resolution
     sf = float(base.vae.config.scaling_factor)
     demo_latents, means, stds, owners, prompts = [], [], [], [], []
+    photo_mean, photo_std, photo_prompts = [], [], []
     with torch.no_grad():
         for si, s in enumerate(subjects):
             demo_latents.append(encode_demos(base.vae, s.demos, res))
+            if c.photo_targets > 0:
+                d = base.vae.encode(torch.stack([pixels(im, res) for im in s.demos]).to(device, wdtype)).latent_dist
+                photo_mean.append((d.mean.float() * sf).cpu())
+                photo_std.append((d.std.float() * sf).cpu())
+                texts = [*s.demo_texts, *[""] * (len(s.demos) - len(s.demo_texts))]
+                photo_prompts.append([" ".join((t or "a {0} {1}").replace("{0}", identifier)
+                                               .replace("{1}", s.class_noun).split()) for t in texts])
             for i in range(0, len(s.targets), 16):
                 chunk = s.targets[i:i + 16]
                 x = torch.stack([pixels(t.image, res) for t in chunk]).to(device, wdtype)
@@ -143,7 +164,7 @@ def prepare_apprentice(demo_set: str | Path, base: BaseModel | str, c: Apprentic
                 prompts += [" ".join(t.template.format(identifier, s.class_noun).split()) for t in chunk]
         emb_of: dict[str, torch.Tensor] = {}
         tok = base.tokenizer
-        unique = [*sorted(set(prompts)), ""]
+        unique = [*sorted(set(prompts) | {q for qs in photo_prompts for q in qs}), ""]
         for i in range(0, len(unique), 64):
             batch = unique[i:i + 64]
             ids = tok(batch, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -157,6 +178,8 @@ def prepare_apprentice(demo_set: str | Path, base: BaseModel | str, c: Apprentic
         demo_latents=demo_latents, target_mean=torch.cat(means), target_std=torch.cat(stds),
         target_subject=torch.tensor(owners), target_emb=torch.stack([emb_of[p] for p in prompts]),
         empty_emb=emb_of[""].unsqueeze(0),
+        photo_mean=photo_mean, photo_std=photo_std,
+        photo_emb=[torch.stack([emb_of[q] for q in qs]) for qs in photo_prompts],
         dataset={"uri": str(demo_set), "subjects": len(subjects), "targets": n_targets,
                  "content_hash": info.get("content_hash"), "builder": info.get("builder", {}).get("kind")},
         input_hash=str(info.get("content_hash") or ""),
@@ -205,8 +228,30 @@ class ApprenticeObjective:
         latents = p.target_mean[idx] + p.target_std[idx] * eps
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=g)
+        if c.photo_targets > 0:  # drawn after everything else: photo_targets=0 keeps the streams of before
+            self._photo_targets(g, k, latents, eps, text_bld, demos_bkf, no_text, no_demo)
         noisy = self.scheduler.add_noise(latents, noise, t)
         return latents, noisy, t, text_bld, demos_bkf, noise
+
+    def _photo_targets(self, g, k, latents, eps, text_bld, demos_bkf, no_text, no_demo) -> None:
+        """Replace some samples' targets by one of a subject's photos, conditioned on its other photos (in place)."""
+        p = self.p
+        use = torch.rand(len(latents), generator=g) < self.cfg.photo_targets
+        for i in use.nonzero().flatten().tolist():
+            s = int(torch.randint(len(p.photo_mean), (1,), generator=g))
+            n = len(p.photo_mean[s])
+            if n < 2:  # one photo: it cannot be both target and demonstration
+                continue
+            j = int(torch.randint(n, (1,), generator=g))
+            others = torch.tensor([x for x in range(n) if x != j])
+            pick = others[torch.randperm(n - 1, generator=g)[:k]]
+            if len(pick) < k:
+                pick = torch.cat([pick, others[torch.randint(n - 1, (k - len(pick),), generator=g)]])
+            latents[i] = p.photo_mean[s][j] + p.photo_std[s][j] * eps[i]
+            if not no_text[i]:
+                text_bld[i] = p.photo_emb[s][j]
+            if not no_demo[i]:
+                demos_bkf[i] = p.demo_latents[s][pick]
 
     def loss(self, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         dev, wd = self.p.device, self.p.weight_dtype

@@ -44,6 +44,8 @@ class FanoutConfig:
     address: str | None = cfg(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     class_cache: str | None = cfg(None, "class-image cache folder (default: <registry>/class-images on a local registry)")
     class_image_actors: int = cfg(1, "Ray Data actors generating missing class images in parallel (each loads the base model)")
+    pack: int = cfg(1, "LoRA subjects a worker trains together in one packed run (shared base-model passes; "
+                       "1 worker per subject, no DeepSpeed)")
 
     def __post_init__(self) -> None:
         if self.workers_per_subject < 1 or self.max_concurrent < 1 or self.class_image_actors < 1:
@@ -52,6 +54,11 @@ class FanoutConfig:
             raise ConfigError(f"zero_stage must be 0, 2 or 3, got {self.zero_stage}")
         if self.offload and self.zero_stage == 0:
             raise ConfigError("--offload needs DeepSpeed: pass --zero-stage 2 or 3")
+        if self.pack < 1:
+            raise ConfigError(f"pack must be at least 1, got {self.pack}")
+        if self.pack > 1 and (self.workers_per_subject > 1 or self.zero_stage):
+            raise ConfigError("--pack trains several subjects on one worker: use it with --workers-per-subject 1 "
+                              "and no --zero-stage")
         if self.max_retries < 0 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ConfigError("max_retries, cpus_per_worker and gpus_per_worker must not be negative")
 
@@ -124,6 +131,9 @@ def run_fanout(
             if registry.latest(sid) and (st is None or st.state == "done"):
                 skipped.append(sid)
     todo = [s for s in chosen if s not in set(skipped)]
+    if fan.pack > 1 and train_cfg.method != "lora":
+        raise ConfigError(f"--pack {fan.pack} packs LoRA adapters; this run trains method={train_cfg.method!r} "
+                          "(pass --method lora, or --pack 1)")
     run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     class_cache = fan.class_cache or (str(Path(registry.root) / "class-images") if registry.is_local else None)
     registry.write_run(run_id, {
@@ -178,7 +188,7 @@ def _run_groups(manifest_uri, registry, base_model, train_cfg, fan: FanoutConfig
         gc = GroupConfig(
             run_id=run_id, group=group, queue_name=queue_name, namespace=NAMESPACE, manifest=manifest_uri,
             registry=registry.uri, base_model=base_model, train_config=to_dict(train_cfg),
-            zero_stage=fan.zero_stage, offload=fan.offload, class_cache=class_cache,
+            zero_stage=fan.zero_stage, offload=fan.offload, class_cache=class_cache, pack=fan.pack,
         )
         trainer = TorchTrainer(
             fanout_worker,

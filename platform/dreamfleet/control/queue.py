@@ -22,25 +22,34 @@ class SubjectQueue:
         self.total = len(subjects)
         self.max_retries = max_retries
         self.attempts: dict[str, int] = dict.fromkeys(subjects, 0)
-        self.leases: dict[int, str] = {}
+        self.leases: dict[int, list[str]] = {}  # group -> the subjects it holds (several when it packs)
         self.done: list[str] = []
         self.failed: dict[str, str] = {}
         self.errors: dict[str, list[str]] = collections.defaultdict(list)
         self.started = time.time()
 
     def lease(self, group: int) -> tuple[str, int] | None:
-        if group in self.leases:  # this group restarted while training a subject
-            self._retry(self.leases.pop(group), "worker group restarted: a worker died or raised")
-        if not self.pending:
-            return None
-        sid = self.pending.popleft()
-        self.attempts[sid] += 1
-        self.leases[group] = sid
-        return sid, self.attempts[sid]
+        leased = self.lease_many(group, 1)
+        return leased[0] if leased else None
+
+    def lease_many(self, group: int, n: int) -> list[tuple[str, int]]:
+        """Up to ``n`` subjects for one group (a packed run trains them together)."""
+        for sid in self.leases.pop(group, []):  # this group restarted while training these subjects
+            self._retry(sid, "worker group restarted: a worker died or raised")
+        out = []
+        while self.pending and len(out) < n:
+            sid = self.pending.popleft()
+            self.attempts[sid] += 1
+            self.leases.setdefault(group, []).append(sid)
+            out.append((sid, self.attempts[sid]))
+        return out
 
     def finish(self, group: int, subject_id: str, ok: bool, error: str | None, retriable: bool) -> str:
-        if self.leases.get(group) == subject_id:
-            del self.leases[group]
+        held = self.leases.get(group, [])
+        if subject_id in held:
+            held.remove(subject_id)
+            if not held:
+                del self.leases[group]
         if ok:
             self.done.append(subject_id)
             return "done"
@@ -49,9 +58,9 @@ class SubjectQueue:
         return self._fail(subject_id, error or "unknown error")
 
     def group_exited(self, group: int, error: str) -> None:
-        """A worker group gave up (its Ray Train failures were exhausted) holding a lease."""
-        if group in self.leases:
-            self._retry(self.leases.pop(group), error)
+        """A worker group gave up (its Ray Train failures were exhausted) holding leases."""
+        for sid in self.leases.pop(group, []):
+            self._retry(sid, error)
 
     def _retry(self, sid: str, error: str) -> str:
         self.errors[sid].append(error)
@@ -72,10 +81,10 @@ class SubjectQueue:
             "done": list(self.done),
             "failed": dict(self.failed),
             "pending": list(self.pending),
-            "training": dict(self.leases),
+            "training": {sid: group for group, sids in self.leases.items() for sid in sids},
             "attempts": dict(self.attempts),
             "elapsed_s": time.time() - self.started,
         }
 
     def remaining(self) -> int:
-        return len(self.pending) + len(self.leases)
+        return len(self.pending) + sum(len(sids) for sids in self.leases.values())

@@ -220,6 +220,7 @@ class GroupConfig:
     offload: bool = False
     class_cache: str | None = None
     state_every_s: float = 1.0
+    pack: int = 1
 
 
 def fanout_worker(config: dict[str, Any]) -> None:
@@ -236,6 +237,10 @@ def fanout_worker(config: dict[str, Any]) -> None:
     queue = ray.get_actor(gc.queue_name, namespace=gc.namespace)
     registry = Registry(gc.registry)
     manifest = Manifest.open(gc.manifest)
+    if gc.pack > 1:  # one worker (checked by FanoutConfig): lease up to `pack` subjects, train them packed
+        while leases := _lease_many(queue, gc.group, gc.pack):
+            _train_pack(gc, queue, registry, manifest, leases)
+        return
     while True:
         lease = ray.get(queue.lease.remote(gc.group)) if dist.is_main else None
         lease = dist.broadcast(lease)
@@ -244,6 +249,116 @@ def fanout_worker(config: dict[str, Any]) -> None:
         subject_id, attempt = lease
         _train_leased(gc, dist, queue, registry, manifest, subject_id, attempt)
         dist.barrier()
+
+
+def _lease_many(queue, group: int, n: int) -> list[tuple[str, int]]:
+    import ray
+
+    return [tuple(lease) for lease in ray.get(queue.lease_many.remote(group, n))]
+
+
+def _train_pack(gc: GroupConfig, queue, registry, manifest, leases: list[tuple[str, int]]) -> None:
+    """Several subjects' LoRA experts in one packed run (:mod:`dreamfleet.trainers.packing`) on this worker.
+
+    A subject that fails to prepare fails alone; subjects whose configs cannot pack (they differ
+    in more than the seed) are trained one after another instead. A packed run that fails is
+    retried as a whole. Packs are not checkpointed to Ray Train: a restarted pack starts over.
+    """
+    import ray
+
+    from dreamfleet.trainers.packing import (
+        PackedEngine,
+        check_packable,
+        packed_loop_settings,
+        packed_objective,
+        setup_packed,
+        subject_result,
+    )
+
+    solo = DistContext()
+    t0 = time.perf_counter()
+    base = load_base(gc.base_model)  # one base model shared by the pack
+    cache = ClassImageCache(gc.class_cache) if gc.class_cache else None
+    ready = []
+    for subject_id, attempt in leases:
+        try:
+            record = manifest.record(subject_id)
+            images = [im for _, im, _ in manifest.read_images(subject_id)]
+            subject = SubjectData(subject_id, record.class_noun, images, identifier=record.identifier,
+                                  tenant=record.tenant, source=f"{gc.manifest}#{subject_id}")
+            ready.append((attempt, prepare_subject(subject, base, subject_config(gc.train_config, record),
+                                                   class_cache=cache)))
+        except DreamfleetError as e:
+            ray.get(queue.finish.remote(gc.group, subject_id, False, str(e), False))
+    if len(ready) == 1:  # nothing to pack with: the ordinary path, with checkpoints reported to Ray Train
+        attempt, p = ready[0]
+        _train_leased(gc, solo, queue, registry, manifest, p.subject.subject_id, attempt)
+        return
+    if not ready:
+        return
+    try:
+        check_packable([p for _, p in ready])
+    except ConfigError as e:
+        log.warning("subjects %s do not pack (%s); training them one at a time",
+                    [p.subject.subject_id for _, p in ready], e)
+        for attempt, p in ready:
+            _train_leased(gc, solo, queue, registry, manifest, p.subject.subject_id, attempt)
+        return
+    prepared = [p for _, p in ready]
+    ids = [p.subject.subject_id for p in prepared]
+    for attempt, p in ready:
+        registry.update_state(p.subject.subject_id, state="training", run_id=gc.run_id, total_steps=p.cfg.steps,
+                              attempts=attempt, error=None, class_noun=p.subject.class_noun, tenant=p.subject.tenant,
+                              worker={"group": gc.group, "node": socket.gethostname(), "pids": [os.getpid()],
+                                      "packed_with": ids})
+    work = Path(tempfile.mkdtemp(prefix=f"dreamfleet-pack-{ids[0]}-"))
+    try:
+        packed = setup_packed(prepared)
+        objective = packed_objective(prepared, packed)
+        settings = packed_loop_settings(prepared, progress=False)
+        trackers = [_StateTracker(registry, sid, solo, gc.state_every_s, 0) for sid in ids]
+        works = [work / f"s{i}" for i in range(len(ids))]
+        for w in works:
+            (w / "validation").mkdir(parents=True)
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            for sid, tracker in zip(ids, trackers, strict=True):
+                prefix = f"{sid}/"
+                tracker.on_step(step, {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)})
+
+        def on_validation(step: int) -> None:
+            from dreamfleet.core.images import image_grid
+
+            for i, (p, w) in enumerate(zip(prepared, works, strict=True)):
+                packed.select(i)
+                grid = image_grid(validation_images(p), rows=len(p.cfg.validation_prompts),
+                                  cols=p.cfg.num_validation_images)
+                grid.save(w / "validation" / f"step-{step:08d}.png")
+
+        try:
+            result = run_loop(objective, settings, checkpoint_dir=work / "checkpoints",
+                              hooks=LoopHooks(on_step=on_step, on_validation=on_validation),
+                              engine=PackedEngine(objective, settings))
+        except Exception as e:
+            for sid in ids:
+                ray.get(queue.finish.remote(gc.group, sid, False, f"packed run failed: {type(e).__name__}: {e}", True))
+            return
+        wall = time.perf_counter() - t0
+        for i, ((attempt, p), w, tracker) in enumerate(zip(ready, works, trackers, strict=True)):
+            sid = ids[i]
+            tracker.flush(force=True)
+            out = w / "expert"
+            publish_expert(p, subject_result(result, sid), out, w, wall_time_s=wall, overwrite=True,
+                           unet_lora=packed.adapter(i),
+                           extra_stats={"attempt": attempt, "world_size": 1, "zero_stage": 0,
+                                        "steps_executed": tracker.steps_executed, "run_id": gc.run_id,
+                                        "packed": {"subjects": ids, "index": i}})
+            version = registry.publish(sid, out)
+            registry.update_state(sid, state="done", version=version, error=None, finished_at=now(),
+                                  step=result.final_step)
+            ray.get(queue.finish.remote(gc.group, sid, True, None, False))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _train_leased(gc: GroupConfig, dist: DistContext, queue, registry, manifest, subject_id: str, attempt: int) -> None:

@@ -258,7 +258,7 @@ def test_a_real_run_and_serving_in_chromium(ray_local, manifest, tmp_path, brows
         page.wait_for_selector("#subjects-table tr[data-subject='dog2']")
         page.screenshot(path=str(artifacts_dir / "dashboard-subjects.png"))
         page.goto(url + "#/apprentice")
-        page.wait_for_selector("text=no apprentice in this registry yet")
+        page.wait_for_selector("text=no apprentice or demonstration set given")
         page.screenshot(path=str(artifacts_dir / "dashboard-apprentice.png"))
 
         # subject detail: a loss curve with points, training photos and validation grids, no 404
@@ -321,3 +321,44 @@ def wait_ok(url: str, timeout_s: float = 120) -> None:
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url} did not answer 200 within {timeout_s}s")
+
+
+def test_apprentice_page_shows_apprentices_and_demo_sets_in_chromium(tmp_path, browser, artifacts_dir):
+    """The files `dreamfleet apprentice train` and `gather` write, as the operator passes them."""
+    from dreamfleet.core.apprentice import ApprenticeInfo
+
+    app = tmp_path / "apprentice"
+    app.mkdir()
+    info = ApprenticeInfo(identifier="sks", base_model={"spec": "toy", "hash": "ab"}, arch={"grid": 4}, config={
+        "learning_rate": 3e-3, "batch_size": 16, "photo_targets": 0.5, "train_unet": False}, code_version={},
+        input_hash="cd", dataset={"uri": "/data/set", "subjects": 96, "targets": 471}, final_loss=0.0734,
+        wall_time_s=402.0, created_at="2026-11-24T07:30:00+00:00", train_stats={"steps": 40})
+    (app / "apprentice.json").write_text(json.dumps(info.to_dict()))
+    (app / "loss_history.json").write_text(json.dumps([{"step": i + 1, "loss": 0.1 - i * 1e-3} for i in range(40)]))
+    demo = tmp_path / "demo-set"
+    demo.mkdir()
+    (demo / "gather.json").write_text(json.dumps({"experts": 96, "generated": 1152, "kept": 471, "failed": {},
+                                                  "kept_at_threshold": {"+0.05": 471, "+0.10": 284},
+                                                  "config": {"threshold": 0.05}, "wall_time_s": 565.0}))
+    cfg = DashboardConfig(registry=str(tmp_path / "reg"), apprentices=[str(app), str(tmp_path / "nothing")],
+                          demo_sets=[str(demo)])
+    c = client(Registry(tmp_path / "reg"), apprentices=cfg.apprentices, demo_sets=cfg.demo_sets)
+    d = c.get("/api/apprentice").json()
+    assert d["available"] and d["apprentices"][0]["identifier"] == "sks" and d["apprentices"][0]["steps"] == 40
+    assert len(d["apprentices"][0]["curve"]["points"]) == 40
+    assert "apprentice train" in d["apprentices"][1]["error"]  # a bad folder is listed, the others still shown
+    assert d["demo_sets"][0]["kept"] == 471 and d["demo_sets"][0]["threshold"] == 0.05
+
+    dash = start_uvicorn(build_dashboard_app(cfg), free_port())
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        page.goto(f"http://127.0.0.1:{dash.config.port}/#/apprentice")
+        page.wait_for_selector("#demo-sets-table td.num")
+        assert "471" in page.inner_text("#demo-sets-table") and "+0.10: 284" in page.inner_text("#demo-sets-table")
+        assert int(page.get_attribute("svg.loss-curve polyline[data-series='loss']", "data-points")) == 40
+        assert "apprentice train" in page.inner_text("#view .panel.error")
+        assert "photo_targets" in page.inner_text("#view")
+        page.screenshot(path=str(artifacts_dir / "dashboard-apprentice-trained.png"))
+    finally:
+        page.close()
+        dash.should_exit = True

@@ -20,6 +20,8 @@ class DashboardConfig:
     keys: str | None = cfg(None, "API keys file (default: <registry>/serving/keys.json on a local registry)")
     insecure: bool = cfg(False, "allow binding a non-loopback address without API keys")
     poll_s: float = cfg(2.0, "how often the pages refresh their data")
+    apprentices: list[str] = cfg([], "apprentice folders for the Apprentice page (`dreamfleet apprentice train --out`)")
+    demo_sets: list[str] = cfg([], "demonstration sets for the Apprentice page (`dreamfleet apprentice gather --out`)")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

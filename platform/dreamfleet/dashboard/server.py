@@ -207,7 +207,7 @@ def build_dashboard_app(cfg: DashboardConfig | str, *, serving_snapshot: Callabl
     @app.get("/api/apprentice")
     def apprentice(request: Request):
         check_read(request)
-        return views.apprentice_view(ctx.registry())
+        return views.apprentice_view(ctx.cfg.apprentices, ctx.cfg.demo_sets)
 
     @app.post("/api/runs/{run_id}/cancel")
     def cancel(run_id: str, request: Request):

@@ -240,21 +240,47 @@ def expert_file(reg: Registry, sid: str, version: str, kind: str, name: str) -> 
     return path
 
 
-def apprentice_view(reg: Registry) -> dict[str, Any]:
-    """The apprentice's status files, when the registry has any (``apprentice/status.json``, ``loss_history.json``)."""
-    if not reg.is_local:
-        return {"available": False, "message": "the apprentice page reads local registries only for now"}
-    root = Path(reg.root) / "apprentice"
-    status_file, history_file = root / "status.json", root / "loss_history.json"
-    if not status_file.is_file() and not history_file.is_file():
-        return {"available": False, "message": f"no apprentice in this registry yet (nothing at {root})"}
-    out: dict[str, Any] = {"available": True, "status": {}, "curve": {"points": [], "source": str(history_file)}}
-    try:
-        if status_file.is_file():
-            out["status"] = json.loads(status_file.read_text())
-        if history_file.is_file():
-            points = [p for p in json.loads(history_file.read_text()) if isinstance(p, dict)]
-            out["curve"]["points"] = _downsample(points)
-    except (ValueError, OSError) as e:
-        out["message"] = f"unreadable apprentice files under {root} ({e})"
+def apprentice_view(apprentices: list[str], demo_sets: list[str]) -> dict[str, Any]:
+    """The apprentices and demonstration sets the dashboard was started with.
+
+    An apprentice: its ``apprentice.json`` (identifier, base model, dataset, recipe, timings) and
+    ``loss_history.json`` curve; a demonstration set: its ``gather.json`` counts (generated,
+    kept, kept at other thresholds). A folder that cannot be read is listed with its error.
+    """
+    if not apprentices and not demo_sets:
+        return {"available": False, "message": "no apprentice or demonstration set given: start the dashboard with "
+                                                "--apprentices DIR[,DIR...] and/or --demo-sets DIR[,DIR...]"}
+    out: dict[str, Any] = {"available": True, "apprentices": [], "demo_sets": []}
+    for folder in apprentices:
+        path = Path(folder)
+        try:
+            info = json.loads((path / "apprentice.json").read_text())
+            history = path / "loss_history.json"
+            points = json.loads(history.read_text()) if history.is_file() else []
+            cfg = info.get("config") or {}
+            out["apprentices"].append({
+                "path": str(path), "identifier": info.get("identifier"),
+                "base_model": (info.get("base_model") or {}).get("spec"), "dataset": info.get("dataset") or {},
+                "steps": (info.get("train_stats") or {}).get("steps"), "final_loss": info.get("final_loss"),
+                "wall_time_s": info.get("wall_time_s"), "created_at": info.get("created_at"),
+                "recipe": {k: cfg.get(k) for k in ("learning_rate", "batch_size", "photo_targets", "train_unet")
+                           if k in cfg},
+                "curve": {"points": _downsample([p for p in points if isinstance(p, dict)]), "source": str(history)},
+            })
+        except (ValueError, OSError) as e:
+            out["apprentices"].append({"path": str(path), "error": f"not a readable apprentice folder ({e}); "
+                                                                   "pass the --out of `dreamfleet apprentice train`"})
+    for folder in demo_sets:
+        path = Path(folder)
+        try:
+            g = json.loads((path / "gather.json").read_text())
+            out["demo_sets"].append({
+                "path": str(path), "experts": g.get("experts"), "generated": g.get("generated", g.get("targets_in")),
+                "kept": g.get("kept"), "threshold": g.get("threshold", (g.get("config") or {}).get("threshold")),
+                "kept_at_threshold": g.get("kept_at_threshold") or {}, "failed": g.get("failed") or {},
+                "wall_time_s": g.get("wall_time_s"), "filtered_from": g.get("filtered_from"),
+            })
+        except (ValueError, OSError) as e:
+            out["demo_sets"].append({"path": str(path), "error": f"not a readable demonstration set ({e}); "
+                                                                 "pass the --out of `dreamfleet apprentice gather`"})
     return out

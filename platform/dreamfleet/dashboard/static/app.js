@@ -306,11 +306,26 @@ const views = {
     url: () => "api/apprentice",
     render(d) {
       if (!d.available) { view.innerHTML = `<h1>Apprentice</h1><div class="panel">${esc(d.message)}</div>`; return; }
-      const s = d.status || {};
-      const kv = Object.entries(s).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(typeof v === "object" ? JSON.stringify(v) : v)}</dd>`).join("");
-      view.innerHTML = `<h1>Apprentice</h1>${d.message ? `<div class="panel error">${esc(d.message)}</div>` : ""}
-        <div class="grid2"><div class="panel"><h2>Gather and filter</h2><dl class="kv">${kv || "<dd class='muted'>no status yet</dd>"}</dl></div>
-        <div class="panel"><h2>Training curve</h2>${lossChart(d.curve.points, ["loss", "loss_instance", "loss_prior"])}</div></div>`;
+      const num = (v, k = 3) => (v === null || v === undefined) ? "" : (typeof v === "number" ? v.toFixed(k) : esc(v));
+      const sets = d.demo_sets.map((g) => g.error
+        ? `<tr><td>${esc(g.path)}</td><td colspan="5" class="error">${esc(g.error)}</td></tr>`
+        : `<tr><td>${esc(g.path)}</td><td class="num">${g.experts ?? ""}</td><td class="num">${g.generated ?? ""}</td>
+           <td class="num">${g.kept ?? ""}</td><td class="num">${num(g.threshold, 2)}</td>
+           <td>${Object.entries(g.kept_at_threshold).map(([t, n]) => `${esc(t)}: ${n}`).join(", ")}</td></tr>`).join("");
+      const apps = d.apprentices.map((a) => a.error
+        ? `<div class="panel error"><h2>${esc(a.path)}</h2>${esc(a.error)}</div>`
+        : `<div class="grid2"><div class="panel"><h2>${esc(a.path)}</h2><dl class="kv">
+           <dt>identifier</dt><dd>${esc(a.identifier)}</dd><dt>base model</dt><dd>${esc(a.base_model)}</dd>
+           <dt>trained on</dt><dd>${esc(a.dataset.subjects ?? "")} subjects, ${esc(a.dataset.targets ?? "")} targets (${esc(a.dataset.uri ?? "")})</dd>
+           <dt>steps</dt><dd>${a.steps ?? ""}</dd><dt>final loss</dt><dd>${num(a.final_loss, 4)}</dd>
+           <dt>wall time</dt><dd>${num(a.wall_time_s, 0)} s</dd><dt>recipe</dt><dd>${esc(JSON.stringify(a.recipe))}</dd>
+           <dt>created</dt><dd>${esc(a.created_at)}</dd></dl></div>
+           <div class="panel"><h2>Training curve</h2>${lossChart(a.curve.points, ["loss"])}</div></div>`).join("");
+      view.innerHTML = `<h1>Apprentice</h1>
+        <h2>Demonstration sets (gather and filter)</h2><div class="table-wrap"><table id="demo-sets-table"><thead><tr><th>Set</th>
+        <th class="num">Experts</th><th class="num">Renders</th><th class="num">Kept</th><th class="num">Threshold</th><th>Kept at other thresholds</th></tr></thead>
+        <tbody>${sets || `<tr><td colspan="6" class="muted">No demonstration set given (--demo-sets).</td></tr>`}</tbody></table></div>
+        <h2>Apprentices</h2>${apps || `<div class="panel muted">No apprentice given (--apprentices).</div>`}`;
     },
   },
 };

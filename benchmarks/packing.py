@@ -26,6 +26,7 @@ ratio of each back-to-back pair, and each subject's final loss in both variants.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -47,65 +48,26 @@ VARIANTS = ("sequential", "packed")
 
 
 @dataclass
-class PackSpec:
-    """What both variants share; the worker subprocess gets it as JSON."""
+class PackSpec(tvd.Spec):
+    """trainer_vs_diffusers' Spec (what both variants share; the worker subprocess gets it as
+    JSON), for S LoRA subjects that differ only in their seed."""
 
-    model: str = "tiny"
     subjects: int = 4
-    resolution: int | None = None
-    steps: int = 40
-    warmup: int = 5
     subject_steps: int = 400
-    mixed_precision: str = "auto"
-    prior: bool = True
-    num_instance: int = 4
-    num_class: int = 8
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0
 
-    def train_config(self, i: int):
+    def train_config(self, i: int = 0):
         """Subject i's config: the shared settings, its own seed."""
-        from dreamfleet.trainers.config import TrainConfig
-
-        return TrainConfig(
-            method="lora",
-            steps=self.steps + self.warmup,
-            resolution=self.resolution,
-            with_prior_preservation=self.prior,
-            num_class_images=self.num_class,
-            mixed_precision=self.mixed_precision,
-            seed=self.seed + i,
-            device=self.device,
-            checkpoint_every=0,
-            validation_every=0,
-        )
+        return dataclasses.replace(super().train_config(), method="lora", seed=self.seed + i)
 
 
 def setup_subjects(spec: PackSpec, base, root: Path):
-    """S synthetic subjects of class 'dog', and a class-image cache filled beforehand with
-    synthetic class photos (generating them is a one-off cost shared by the class)."""
-    from helpers import picture
-
-    from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
+    """S synthetic subjects of class 'dog', and the shared class-image cache filled beforehand."""
     from dreamfleet.trainers.dreambooth import SubjectData
 
     cfg = spec.train_config(0).resolve(native_resolution=base.resolution)
-    cache = ClassImageCache(root / "class-images")
-    if spec.prior:
-        folder = cache.folder_for(
-            base, ClassImageRequest.for_config(cfg, cfg.class_prompt.format(class_noun="dog"))
-        )
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(cfg.num_class_images):
-            picture(10_000 + i, size=(cfg.resolution, cfg.resolution)).save(folder / f"{i:05d}.png")
-    side = cfg.resolution
+    cache = tvd.class_image_cache(base, cfg, root)
     subjects = [
-        SubjectData(
-            f"bench_dog{i}",
-            "dog",
-            [picture(1000 * i + j, size=(side + side // 4, side)) for j in range(spec.num_instance)],
-        )
+        SubjectData(f"bench_dog{i}", "dog", tvd.synthetic_photos(1000 * i, spec.num_instance, cfg.resolution))
         for i in range(spec.subjects)
     ]
     return subjects, [spec.train_config(i) for i in range(spec.subjects)], cache

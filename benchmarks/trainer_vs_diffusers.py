@@ -132,25 +132,38 @@ class Spec:
         )
 
 
-def prepared_subject(spec: Spec, root: Path):
-    """``prepare_subject`` on synthetic photos, with the class-image cache filled beforehand
-    with synthetic class photos (generating them is a one-off shared cost, not a training step)."""
+def class_image_cache(base, cfg, root: Path):
+    """A class-image cache under ``root``, filled beforehand with synthetic 'dog' class photos when
+    ``cfg`` uses prior preservation (generating them is a one-off shared cost, not a training step)."""
     from helpers import picture
 
     from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
-    from dreamfleet.trainers.dreambooth import SubjectData, prepare_subject
 
-    base = build_base(spec.model)
-    cfg = spec.train_config().resolve(native_resolution=base.resolution)
     cache = ClassImageCache(root / "class-images")
-    if spec.prior:
+    if cfg.with_prior_preservation:
         req = ClassImageRequest.for_config(cfg, cfg.class_prompt.format(class_noun="dog"))
         folder = cache.folder_for(base, req)
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(cfg.num_class_images):
             picture(10_000 + i, size=(cfg.resolution, cfg.resolution)).save(folder / f"{i:05d}.png")
-    side = cfg.resolution
-    subject = SubjectData("bench_dog", "dog", [picture(i, size=(side + side // 4, side)) for i in range(spec.num_instance)])
+    return cache
+
+
+def synthetic_photos(first_seed: int, n: int, side: int):
+    """``n`` synthetic instance photos, slightly wider than ``side`` (the trainer crops them)."""
+    from helpers import picture
+
+    return [picture(first_seed + j, size=(side + side // 4, side)) for j in range(n)]
+
+
+def prepared_subject(spec: Spec, root: Path):
+    """``prepare_subject`` on synthetic photos, with the class-image cache filled beforehand."""
+    from dreamfleet.trainers.dreambooth import SubjectData, prepare_subject
+
+    base = build_base(spec.model)
+    cfg = spec.train_config().resolve(native_resolution=base.resolution)
+    cache = class_image_cache(base, cfg, root)
+    subject = SubjectData("bench_dog", "dog", synthetic_photos(0, spec.num_instance, cfg.resolution))
     return prepare_subject(subject, base, cfg, class_cache=cache)
 
 

@@ -278,16 +278,10 @@ def _train_pack(gc: GroupConfig, queue, registry, manifest, leases: list[tuple[s
     solo = DistContext()
     t0 = time.perf_counter()
     base = load_base(gc.base_model)  # one base model shared by the pack
-    cache = ClassImageCache(gc.class_cache) if gc.class_cache else None
     ready = []
     for subject_id, attempt in leases:
         try:
-            record = manifest.record(subject_id)
-            images = [im for _, im, _ in manifest.read_images(subject_id)]
-            subject = SubjectData(subject_id, record.class_noun, images, identifier=record.identifier,
-                                  tenant=record.tenant, source=f"{gc.manifest}#{subject_id}")
-            ready.append((attempt, prepare_subject(subject, base, subject_config(gc.train_config, record),
-                                                   class_cache=cache)))
+            ready.append((attempt, _prepare_leased(gc, manifest, subject_id, base)))
         except DreamfleetError as e:
             ray.get(queue.finish.remote(gc.group, subject_id, False, str(e), False))
     if len(ready) == 1:  # nothing to pack with: the ordinary path, with checkpoints reported to Ray Train
@@ -336,7 +330,7 @@ def _train_pack(gc: GroupConfig, queue, registry, manifest, leases: list[tuple[s
                 grid.save(w / "validation" / f"step-{step:08d}.png")
 
         try:
-            result = run_loop(objective, settings, checkpoint_dir=work / "checkpoints",
+            result = run_loop(objective, settings, checkpoint_dir=None,  # packs are not resumed: see above
                               hooks=LoopHooks(on_step=on_step, on_validation=on_validation),
                               engine=PackedEngine(objective, settings))
         except Exception as e:
@@ -353,12 +347,19 @@ def _train_pack(gc: GroupConfig, queue, registry, manifest, leases: list[tuple[s
                            extra_stats={"attempt": attempt, "world_size": 1, "zero_stage": 0,
                                         "steps_executed": tracker.steps_executed, "run_id": gc.run_id,
                                         "packed": {"subjects": ids, "index": i}})
-            version = registry.publish(sid, out)
-            registry.update_state(sid, state="done", version=version, error=None, finished_at=now(),
-                                  step=result.final_step)
-            ray.get(queue.finish.remote(gc.group, sid, True, None, False))
+            _mark_done(gc, queue, registry, sid, out, result.final_step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare_leased(gc: GroupConfig, manifest, subject_id: str, base):
+    """The leased subject's photos from the manifest, its config with the manifest's overrides, prepared."""
+    record = manifest.record(subject_id)
+    images = [im for _, im, _ in manifest.read_images(subject_id)]
+    subject = SubjectData(subject_id, record.class_noun, images, identifier=record.identifier,
+                          tenant=record.tenant, source=f"{gc.manifest}#{subject_id}")
+    cache = ClassImageCache(gc.class_cache) if gc.class_cache else None
+    return prepare_subject(subject, base, subject_config(gc.train_config, record), class_cache=cache)
 
 
 def _train_leased(gc: GroupConfig, dist: DistContext, queue, registry, manifest, subject_id: str, attempt: int) -> None:
@@ -371,14 +372,9 @@ def _train_leased(gc: GroupConfig, dist: DistContext, queue, registry, manifest,
         # 1. Prepare on every rank; a user-fixable problem fails this subject alone, at once.
         error = None
         try:
-            record = manifest.record(subject_id)
-            images = [im for _, im, _ in manifest.read_images(subject_id)]
-            subject = SubjectData(subject_id, record.class_noun, images, identifier=record.identifier,
-                                  tenant=record.tenant, source=f"{gc.manifest}#{subject_id}")
-            cfg = subject_config(gc.train_config, record)
             base = load_base(gc.base_model)
-            cache = ClassImageCache(gc.class_cache) if gc.class_cache else None
-            p = prepare_subject(subject, base, cfg, class_cache=cache)
+            p = _prepare_leased(gc, manifest, subject_id, base)
+            subject = p.subject
         except DreamfleetError as e:
             error = str(e)
         if not dist.all_ok(error is None):
@@ -458,12 +454,18 @@ def _train_leased(gc: GroupConfig, dist: DistContext, queue, registry, manifest,
                            unet_state=unet_state,
                            extra_stats={"attempt": attempt, "world_size": dist.world_size, "zero_stage": gc.zero_stage,
                                         "steps_executed": tracker.steps_executed, "run_id": gc.run_id})
-            version = registry.publish(subject_id, out)
-            registry.update_state(subject_id, state="done", version=version, error=None,
-                                  finished_at=now(), step=result.final_step)
-            ray.get(queue.finish.remote(gc.group, subject_id, True, None, False))
+            _mark_done(gc, queue, registry, subject_id, out, result.final_step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _mark_done(gc: GroupConfig, queue, registry, subject_id: str, expert_dir: Path, step: int) -> None:
+    """Publish a written expert folder to the registry and tell the queue the subject is done."""
+    import ray
+
+    version = registry.publish(subject_id, expert_dir)
+    registry.update_state(subject_id, state="done", version=version, error=None, finished_at=now(), step=step)
+    ray.get(queue.finish.remote(gc.group, subject_id, True, None, False))
 
 
 def _gather_pids(dist: DistContext) -> list[int]:

@@ -146,14 +146,16 @@ def prepare_apprentice(demo_set: str | Path, base: BaseModel | str, c: Apprentic
     photo_mean, photo_std, photo_prompts = [], [], []
     with torch.no_grad():
         for si, s in enumerate(subjects):
-            demo_latents.append(encode_demos(base.vae, s.demos, res))
-            if c.photo_targets > 0:
+            if c.photo_targets > 0:  # the photos are targets too: one encoding gives both mean and std
                 d = base.vae.encode(torch.stack([pixels(im, res) for im in s.demos]).to(device, wdtype)).latent_dist
-                photo_mean.append((d.mean.float() * sf).cpu())
-                photo_std.append((d.std.float() * sf).cpu())
+                photo_mean.append((d.mean * sf).float().cpu())  # as encode_demos computes it
+                photo_std.append((d.std * sf).float().cpu())
+                demo_latents.append(photo_mean[-1].flatten(1))
                 texts = [*s.demo_texts, *[""] * (len(s.demos) - len(s.demo_texts))]
                 photo_prompts.append([" ".join((t or "a {0} {1}").replace("{0}", identifier)
                                                .replace("{1}", s.class_noun).split()) for t in texts])
+            else:
+                demo_latents.append(encode_demos(base.vae, s.demos, res))
             for i in range(0, len(s.targets), 16):
                 chunk = s.targets[i:i + 16]
                 x = torch.stack([pixels(t.image, res) for t in chunk]).to(device, wdtype)

@@ -1,22 +1,44 @@
 # dreamfleet: `make demo` and `make test` work on a fresh clone; each creates the
-# virtual environment on first use and installs what it needs.
+# virtual environment on first use and installs exactly what requirements.lock says.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dreamfleet-installed
 PYTEST_ARGS ?=
+# The lock: every package, transitive ones included, at one version with its hashes, for
+# CPython 3.11 on Linux x86-64 (the CI machine). `make lock` refreshes it.
+LOCK   ?= requirements.lock
+# Where the CPU build of torch lies: this image ships it in /opt/wheels; elsewhere point this
+# at a folder or page holding torch-2.13.0+cpu (e.g. https://download.pytorch.org/whl/cpu/torch/).
+TORCH_WHEELS ?= /opt/wheels
+UV     := $(BIN)/uv
+UV_FLAGS := --python $(BIN)/python --find-links $(TORCH_WHEELS)
+LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+	--find-links $(TORCH_WHEELS) -c constraints.txt --no-header --annotation-style line
 
-.PHONY: install demo test test-slow lint format bench clean toy-model
+.PHONY: install demo test test-slow lint format bench clean toy-model lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# uv itself comes from its own hash-checked lock (pip), then installs the lock into the venv:
+# `uv pip sync` makes the environment exactly the lock (extra packages are removed), and the
+# package is added editable on top without touching its dependencies.
+$(STAMP): pyproject.toml $(LOCK) requirements-uv.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and pinned: the constraints file keeps every later step on the CPU build.
-	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --require-hashes -r requirements-uv.lock
+	$(UV) pip sync -q $(UV_FLAGS) --require-hashes $(LOCK)
+	$(UV) pip install -q $(UV_FLAGS) --no-deps --no-build-isolation -e .
 	@touch $@
+
+# Refresh the lock: resolve again at the newest allowed releases, build a fresh venv from the
+# new lock and run the whole suite in it; the new lock replaces the old only if it passes.
+lock: $(STAMP)
+	$(UV) pip compile $(LOCK_FLAGS) --upgrade pyproject.toml --extra dev lock-tools.in -o $(LOCK).new
+	rm -rf .venv-lock
+	$(MAKE) test VENV=.venv-lock LOCK=$(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
+	@echo "requirements.lock refreshed and tested; commit it"
 
 demo: $(STAMP)
 	$(BIN)/dreamfleet demo --out demo

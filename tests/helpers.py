@@ -48,3 +48,77 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- float32 noise
+#
+# Two computations of the same maths that sum in another order (another batch shape, another
+# kernel, another thread count) differ by rounding; training amplifies that, because Adam
+# divides each element's gradient by sqrt(v): an element whose gradient is at rounding level
+# (cancellation) can move by a good fraction of lr in one run and not the other. So what two
+# such runs may differ by is not a constant of float32: it depends on the model, the data, the
+# steps and the machine's kernels. The tests measure it instead, on the machine they run on:
+# the reference is the same solo run at 1 and at 2 torch threads (a change of summation order
+# only), and a comparison passes within NOISE_MARGIN times that spread, statistic by statistic.
+#
+# NOISE_MARGIN = 10. Measured on a 2-core AMD EPYC (2026-12-02, tests/test_packing.py's runs):
+# packed vs solo at the same thread count is 0.9-2.4x the thread spread (max per-tensor
+# relative norm 5.3e-4 and 1.3e-3 against a spread of 5.5e-4); one clip for the whole pack
+# instead of one per subject (a real error) is 40x the spread on the max per-tensor relative
+# norm, 17x on the largest element and ~6000x on the median per-tensor relative norm.
+#
+# Curves and images are reductions whose last rounding alone moves them by an ulp or two, so
+# their spread is floored at ROUNDING_FLOOR (4 ulp relative, 4.8e-7): the 1- and 2-thread
+# losses measured 1 ulp apart, packed 1-4 ulp.
+NOISE_MARGIN = 10.0
+ROUNDING_FLOOR = 4 * float(np.finfo(np.float32).eps)
+
+
+def weight_gap(a: dict, b: dict) -> dict[str, float]:
+    """How far two state dicts of the same keys are apart: the median and the largest
+    per-tensor relative norm ``|b-a| / |a|``, and the largest elementwise difference."""
+    assert a.keys() == b.keys() and a, (sorted(a)[:3], sorted(b)[:3])
+    rel = sorted(float((b[k] - a[k]).norm() / a[k].norm()) for k in a)
+    return {
+        "median_rel": rel[len(rel) // 2],
+        "max_rel": rel[-1],
+        "max_abs": max(float((b[k] - a[k]).abs().max()) for k in a),
+    }
+
+
+def curve_gap(a, b) -> float:
+    """The largest relative difference between two equally long curves (losses, norms)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape and a.size, (a.shape, b.shape)
+    return float(np.max(np.abs(b - a) / np.abs(a)))
+
+
+def assert_within_noise(gap: dict[str, float], noise: dict[str, float], what: str) -> None:
+    """Every statistic of ``gap`` is within NOISE_MARGIN times the same statistic of ``noise``
+    (the spread of the same solo run at 1 and 2 threads, measured on this machine)."""
+    for key, spread in noise.items():
+        assert spread > 0, (
+            f"{what}: the 1- and 2-thread solo runs agree exactly in {key}, so this machine shows no "
+            "summation-order noise to derive a tolerance from; run the test on a machine with 2+ cores"
+        )
+        assert gap[key] <= NOISE_MARGIN * spread, (
+            f"{what}: {key} {gap[key]:.3g} is over {NOISE_MARGIN:g}x the thread spread {spread:.3g}"
+        )
+
+
+class torch_threads:
+    """``with torch_threads(n):`` runs the block with n intra-op threads, then restores them."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.before)

@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from helpers import fast_config, picture
+from helpers import NOISE_MARGIN, ROUNDING_FLOOR, curve_gap, fast_config, picture, torch_threads
 from safetensors.torch import load_file
 
 from dreamfleet.core.errors import ConfigError
@@ -176,16 +176,19 @@ def test_memory_and_speed_options_keep_the_same_weights(tmp_path, cache, change)
 
     a = UNet2DConditionModel.from_pretrained(ref.expert_dir / "unet").state_dict()
     b = UNet2DConditionModel.from_pretrained(alt.expert_dir / "unet").state_dict()
-    if "gradient_checkpointing" in change:  # recomputation is exact
+    if "gradient_checkpointing" in change:  # recomputation runs the same kernels on the same shapes: bit for bit
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+            assert torch.equal(a[k], b[k]), k
     else:
         # Without the cache the VAE encodes a different batch shape each step (the chosen
         # images, not all of them in chunks), and conv kernels sum in a shape-dependent order:
         # ~1e-7 differences in the latents. The losses agree to that precision; the weights do
         # not bit-for-bit, because Adam divides by sqrt(v), so a parameter whose gradient is
         # near zero can move by up to lr either way on a 1e-7 difference.
-        la = [h["loss"] for h in ref.loop.history]
-        lb = [h["loss"] for h in alt.loop.history]
-        np.testing.assert_allclose(la, lb, rtol=1e-5)
+        # The bound is that summation-order noise as this machine shows it: the reference run
+        # again at 2 threads (helpers.NOISE_MARGIN).
+        with torch_threads(2):
+            ref2 = train_subject(subject(), "tiny-random", cfg, tmp_path / "ref2", class_cache=cache, progress=False)
+        la, lb, l2 = ([h["loss"] for h in r.loop.history] for r in (ref, alt, ref2))
+        assert curve_gap(la, lb) <= NOISE_MARGIN * max(curve_gap(la, l2), ROUNDING_FLOOR), (la, lb, l2)
     assert alt.info.config[next(iter(change))] == next(iter(change.values()))

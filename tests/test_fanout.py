@@ -11,7 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import fast_config, subject_folder
+from helpers import (
+    NOISE_MARGIN,
+    ROUNDING_FLOOR,
+    assert_within_noise,
+    curve_gap,
+    fast_config,
+    subject_folder,
+    torch_threads,
+    weight_gap,
+)
 
 from dreamfleet.control.orchestrator import FanoutConfig, run_fanout
 from dreamfleet.data.manifest import Manifest, build_from_folders
@@ -98,7 +107,7 @@ def test_zero3_expert_loads_into_plain_diffusers(manifest, tmp_path):
 def test_killed_worker_resumes_from_checkpoint(manifest, tmp_path):
     reg_uri = str(tmp_path / "reg")
     reg = Registry(reg_uri)
-    steps = 400
+    steps = 160  # long enough to kill it between a checkpoint and the end (a step is ~0.1 s here)
     train_cfg = fast_config(steps=steps, checkpoint_every=20, with_prior_preservation=False)
     result: dict = {}
 
@@ -113,7 +122,7 @@ def test_killed_worker_resumes_from_checkpoint(manifest, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and thread.is_alive():
         st = reg.get_state("cat1")
-        if st and st.state == "training" and (st.checkpoint_step or 0) >= 20 and st.step < steps - 100:
+        if st and st.state == "training" and (st.checkpoint_step or 0) >= 20 and st.step < steps - 60:
             killed = st.worker["pids"][1]
             os.kill(killed, signal.SIGKILL)
             break
@@ -139,7 +148,7 @@ def test_driver_killed_mid_run_then_rerun_resumes_from_checkpoint(manifest, tmp_
     recipe = tmp_path / "recipe.json"
     import json
 
-    recipe.write_text(json.dumps({"steps": 300, "checkpoint_every": 20, "with_prior_preservation": False,
+    recipe.write_text(json.dumps({"steps": 160, "checkpoint_every": 20, "with_prior_preservation": False,
                                   "validation_every": 0, "num_validation_images": 1,
                                   "validation_inference_steps": 2, "learning_rate": 1e-3}))
     cmd = [sys.executable, "-m", "dreamfleet.cli.main", "train", manifest, "--out", reg_uri,
@@ -150,7 +159,7 @@ def test_driver_killed_mid_run_then_rerun_resumes_from_checkpoint(manifest, tmp_
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
         st = reg.get_state("dog2")
-        if st and st.state == "training" and (st.checkpoint_step or 0) >= 40 and st.step < 200:
+        if st and st.state == "training" and (st.checkpoint_step or 0) >= 40 and st.step < 120:
             killed_at = st.checkpoint_step
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
             break
@@ -162,7 +171,7 @@ def test_driver_killed_mid_run_then_rerun_resumes_from_checkpoint(manifest, tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     info = reg.expert_info("dog2")
     assert info.train_stats["resumed_from"] >= killed_at
-    assert info.train_stats["steps_executed"] < 2 * 300 - killed_at
+    assert info.train_stats["steps_executed"] < 2 * 160 - killed_at
 
 
 def test_two_orchestrators_on_one_registry(manifest, tmp_path):
@@ -197,9 +206,22 @@ def test_two_orchestrators_on_one_registry(manifest, tmp_path):
     assert not list(Path(reg_uri).rglob("*.tmp*"))
 
 
+def _solo_in_process(manifest: str, sid: str, train_cfg, class_cache: Path, out: Path, threads: int):
+    """What train-subject publishes for one manifest subject, at the given torch thread count."""
+    from dreamfleet.trainers.class_images import ClassImageCache
+    from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+
+    m = Manifest.open(manifest)
+    rec = m.record(sid)
+    subject = SubjectData(sid, rec.class_noun, [im for _, im, _ in m.read_images(sid)], identifier=rec.identifier)
+    with torch_threads(threads):
+        return train_subject(subject, "tiny-random", train_cfg, out, class_cache=ClassImageCache(class_cache),
+                             progress=False)
+
+
 def test_packed_fanout_trains_subjects_together_as_they_train_alone(manifest, tmp_path):
     """--pack: a worker leases several subjects and trains their LoRA adapters in one packed run;
-    the broken subject fails alone, and each packed expert is the one a solo fan-out publishes."""
+    the broken subject fails alone, and each packed expert is the one its solo run publishes."""
     from safetensors.torch import load_file
 
     reg_uri = str(tmp_path / "packed")
@@ -211,25 +233,20 @@ def test_packed_fanout_trains_subjects_together_as_they_train_alone(manifest, tm
         info = reg.expert_info(sid)
         assert sorted(info.train_stats["packed"]["subjects"]) == ["cat1", "dog1", "dog2"]
         assert reg.get_state(sid).state == "done" and reg.get_state(sid).step == 6
-    solo_uri = str(tmp_path / "solo")
-    solo = run_fanout(manifest, solo_uri, "tiny-random", cfg(steps=6), FanoutConfig(), subjects=["dog2"],
-                      progress=False)
-    assert solo.done == ["dog2"]
-    a_dir, b_dir = Registry(solo_uri).fetch("dog2"), reg.fetch("dog2")
-    a_info, b_info = Registry(solo_uri).expert_info("dog2"), reg.expert_info("dog2")
-    assert "packed" not in a_info.train_stats
-    assert b_info.final_loss == pytest.approx(a_info.final_loss, rel=1e-5)
-    wa = load_file(str(Path(a_dir) / "pytorch_lora_weights.safetensors"))
-    wb = load_file(str(Path(b_dir) / "pytorch_lora_weights.safetensors"))
-    assert wa.keys() == wb.keys() and wa
-    # A packed batch sums in another order than a solo one; Adam normalises each element's
-    # gradient, so an element whose gradient is at rounding level can move by ~lr in one run and
-    # not the other (measured: 1 of 128 elements of one tensor, 1.1e-5 at lr 1e-3). Whole
-    # tensors agree to 1e-3 relative, and no element is off by more than one such step.
-    lr = cfg().learning_rate
-    for k in wa:
-        assert float((wb[k] - wa[k]).norm() / wa[k].norm()) < 1e-3, k
-        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=2 * lr, msg=lambda m, k=k: f"{k}: {m}")
+    # The solo runs of dog2, in process (test_packing.py runs the solo and packed trainers
+    # side by side; here the question is whether the fan-out packs what it was given), on the
+    # class images the fan-out generated, at 1 and 2 threads: their spread is the float noise
+    # the packed expert is judged against (helpers.NOISE_MARGIN).
+    weights = "pytorch_lora_weights.safetensors"
+    solo = [_solo_in_process(manifest, "dog2", cfg(steps=6), Path(reg_uri) / "class-images", tmp_path / f"solo{n}", n)
+            for n in (1, 2)]
+    a_info, b_info = solo[0].info, reg.expert_info("dog2")
+    assert "packed" not in a_info.train_stats and a_info.config == b_info.config
+    loss_noise = max(curve_gap([solo[0].info.final_loss], [solo[1].info.final_loss]), ROUNDING_FLOOR)
+    assert curve_gap([a_info.final_loss], [b_info.final_loss]) <= NOISE_MARGIN * loss_noise
+    wa, wb = (load_file(str(Path(d) / weights)) for d in (solo[0].expert_dir, reg.fetch("dog2")))
+    noise = weight_gap(wa, load_file(str(solo[1].expert_dir / weights)))
+    assert_within_noise(weight_gap(wa, wb), noise, "packed fan-out expert dog2 vs its solo run")
 
 
 def test_pack_needs_lora_and_one_worker(manifest, tmp_path):

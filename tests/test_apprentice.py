@@ -281,6 +281,10 @@ def test_bad_demonstrations_answer_422(server, case):
         assert ["body", "demonstrations", 1] in locs, locs
 
 
+# ~90 s; `make test` covers its two halves: the apprentice worker on Ray Train
+# (test_apprentice_trains_on_ray_train) and the DeepSpeed ZeRO-2 engine around the one loop
+# (test_fanout.py's ZeRO-2 group). This end-to-end run of both is `make test-slow`'s.
+@pytest.mark.slow
 def test_apprentice_trains_with_deepspeed_zero2_on_two_workers(ray_local, demo_set, tmp_path):
     from dreamfleet.control.apprentice import ApprenticeRuntime, train
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from helpers import free_port, subject_folder
@@ -35,16 +36,18 @@ def ray_head(tmp_path):
                             start_new_session=True, env=env)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if dreamfleet("status", "none", "--address", address).stderr.find("cannot reach") == -1:
-            break
-        time.sleep(2)
+    while time.time() < deadline:  # the Job API answers once the head's dashboard is up
+        try:
+            if httpx.get(f"{address}/api/version", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
     yield address
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    # The whole head (its own process session) at once: `ray start --block` on SIGTERM waits
+    # 30 s and more for its children, and nothing of this throwaway cluster needs keeping.
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
     log.close()
 
 
@@ -61,13 +64,16 @@ def test_submit_to_ray_head_and_wait_for_experts(ray_head, tmp_path):
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().splitlines()[-1]
     assert job_id.startswith("dreamfleet-")
+    # Wait through the Job API itself (a `dreamfleet status` process per poll would take a CPU
+    # from the job on a 2-core machine), then ask the CLI once.
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head)
     deadline = time.time() + 300
-    status = None
-    while time.time() < deadline:
-        status = dreamfleet("status", job_id, "--address", ray_head)
-        if "SUCCEEDED" in status.stdout or "FAILED" in status.stdout:
-            break
-        time.sleep(3)
+    while time.time() < deadline and not client.get_job_status(job_id).is_terminal():
+        time.sleep(1)
+    status = dreamfleet("status", job_id, "--address", ray_head)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, status.stdout + status.stderr
     assert "SUCCEEDED" in status.stdout, status.stdout + status.stderr
     assert "2 done" in status.stdout
     from dreamfleet.registry import Registry

@@ -74,15 +74,18 @@ def test_user_mistakes_exit_cleanly(tmp_path, setup, extra, message):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    # `make demo` with one toy subject and 4 steps: the fan-out, the evaluation, results.md and the grid
-    r = cli("demo", "--out", str(tmp_path / "demo"), "--subjects", "ball-halves", "--steps", "4", cwd=tmp_path)
+    # `make demo` with one toy subject, 4 steps, 4 class images and 1 image per evaluation prompt:
+    # the fan-out, the evaluation, results.md and the grid
+    r = cli("demo", "--out", str(tmp_path / "demo"), "--subjects", "ball-halves", "--steps", "4",
+            "--class-images", "4", "--eval-images", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "demo"
     # trained through the fan-out: the expert is published to the demo's registry
     assert (out / "registry" / "subjects" / "ball-halves" / "versions" / "v0001" / "expert.json").is_file()
     results = (out / "results.md").read_text()
     assert "| ball-halves | DreamBooth | ball |" in results and "| ball-halves | base | ball |" in results
-    assert "prompt_fidelity_novel" in results
+    assert "prompt_fidelity_novel" in results and "1 image(s) per prompt" in results
+    assert "prior preservation with\n4 class images" in results
     from PIL import Image
 
     assert Image.open(out / "grid.png").size[0] > 10 * 96  # 5 photos + 5 contexts at 96 px

@@ -54,6 +54,24 @@ def cfg(**kw):
     return fast_config(checkpoint_every=4, **kw)
 
 
+@pytest.fixture(scope="module")
+def class_cache(tmp_path_factory) -> str:
+    """A class-image cache already holding the dog and cat images of ``cfg()`` (made in process,
+    ~1 s), for the fan-outs that are not about class images: they find them, as a fleet's later
+    runs do, and skip the Ray Data job (~20-30 s of actor start-up here). The ZeRO-2 test keeps
+    a cache of its own and counts what a fan-out generates from nothing."""
+    from dreamfleet.core.models import load_base
+    from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
+
+    root = tmp_path_factory.mktemp("class-images")
+    base = load_base("tiny-random")
+    c = cfg().resolve(native_resolution=base.resolution)
+    for noun in ("dog", "cat"):
+        req = ClassImageRequest.for_config(c, c.class_prompt.format(class_noun=noun, identifier=""))
+        ClassImageCache(root).ensure(base, req)
+    return str(root)
+
+
 def test_zero2_two_workers_each_and_a_broken_subject_fails_alone(manifest, tmp_path):
     reg_uri = str(tmp_path / "reg")
     summary = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=8),
@@ -79,10 +97,12 @@ def test_zero2_two_workers_each_and_a_broken_subject_fails_alone(manifest, tmp_p
     assert reg.versions("dog1") == ["v0001"]
 
 
-def test_zero3_expert_loads_into_plain_diffusers(manifest, tmp_path):
+def test_zero3_expert_loads_into_plain_diffusers(manifest, tmp_path, class_cache):
     reg_uri = str(tmp_path / "reg")
     summary = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=4, method="full"),
-                         FanoutConfig(workers_per_subject=2, zero_stage=3), subjects=["dog1"], progress=False)
+                         FanoutConfig(workers_per_subject=2, zero_stage=3, class_cache=class_cache), subjects=["dog1"],
+                         progress=False)
+    assert summary.class_images_generated == 0  # all found in the cache
     assert summary.done == ["dog1"]
     expert = Registry(reg_uri).fetch("dog1")
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -219,13 +239,15 @@ def _solo_in_process(manifest: str, sid: str, train_cfg, class_cache: Path, out:
                              progress=False)
 
 
-def test_packed_fanout_trains_subjects_together_as_they_train_alone(manifest, tmp_path):
+def test_packed_fanout_trains_subjects_together_as_they_train_alone(manifest, tmp_path, class_cache):
     """--pack: a worker leases several subjects and trains their LoRA adapters in one packed run;
     the broken subject fails alone, and each packed expert is the one its solo run publishes."""
     from safetensors.torch import load_file
 
     reg_uri = str(tmp_path / "packed")
-    summary = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=6), FanoutConfig(pack=4), progress=False)
+    summary = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=6), FanoutConfig(pack=4, class_cache=class_cache),
+                         progress=False)
+    assert summary.class_images_generated == 0  # all found in the cache
     assert sorted(summary.done) == ["cat1", "dog1", "dog2"]
     assert list(summary.failed) == ["broken"] and "hash" in summary.failed["broken"]
     reg = Registry(reg_uri)
@@ -238,7 +260,7 @@ def test_packed_fanout_trains_subjects_together_as_they_train_alone(manifest, tm
     # class images the fan-out generated, at 1 and 2 threads: their spread is the float noise
     # the packed expert is judged against (helpers.NOISE_MARGIN).
     weights = "pytorch_lora_weights.safetensors"
-    solo = [_solo_in_process(manifest, "dog2", cfg(steps=6), Path(reg_uri) / "class-images", tmp_path / f"solo{n}", n)
+    solo = [_solo_in_process(manifest, "dog2", cfg(steps=6), Path(class_cache), tmp_path / f"solo{n}", n)
             for n in (1, 2)]
     a_info, b_info = solo[0].info, reg.expert_info("dog2")
     assert "packed" not in a_info.train_stats and a_info.config == b_info.config

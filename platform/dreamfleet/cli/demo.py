@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=Path, help="a folder of your own photos to train instead of the toy subjects")
     p.add_argument("--class-noun", default="dog", help="the class of the --images subject")
     p.add_argument("--steps", type=int, help="DreamBooth steps (default: the microbench recipe's)")
+    p.add_argument("--class-images", type=int,
+                   help="class images for prior preservation (default: the microbench recipe's 50)")
+    p.add_argument("--eval-images", type=int, default=4,
+                   help="images per evaluation prompt (default 4, as DreamBench; fewer is quicker and noisier)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded Ray (one subject trains per CPU)")
     p.set_defaults(handler=run)
 
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from dreamfleet.control.orchestrator import FanoutConfig, connect_ray, run_fanout
-    from dreamfleet.eval.evaluate import write_table
+    from dreamfleet.eval.evaluate import EvalConfig, write_table
     from dreamfleet.registry import Registry
     from dreamfleet.toy.microbench import microbench_train_config
 
@@ -81,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     ids = _write_manifest(args, out / "manifest")
     print(f"subjects: {', '.join(ids)} (manifest {out / 'manifest'})")
     shutil.rmtree(out / "registry", ignore_errors=True)  # a fresh run every time
-    train_cfg = microbench_train_config(**({"steps": args.steps} if args.steps else {}))
+    overrides = {"steps": args.steps, "num_class_images": args.class_images}
+    train_cfg = microbench_train_config(**{k: v for k, v in overrides.items() if v is not None})
+    eval_cfg = EvalConfig(images_per_prompt=args.eval_images)
     fan = FanoutConfig(max_concurrent=max(1, min(args.num_cpus, len(ids))), cpus_per_worker=1,
                        class_cache=str(out / "class-images"), class_image_actors=args.num_cpus)
     connect_ray(None, num_cpus=args.num_cpus)
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  FAILED {sid}: {error}")
         registry = Registry(out / "registry")
         task = ray.remote(num_cpus=1)(_evaluate_subject)
-        results = ray.get([task.remote(str(out / "manifest"), sid, str(registry.fetch(sid)), args.base_model)
+        results = ray.get([task.remote(str(out / "manifest"), sid, str(registry.fetch(sid)), args.base_model,
+                                       eval_cfg)
                            for sid in summary.done])
     finally:
         ray.shutdown()
@@ -102,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     rows = [row for r in results for row in r["rows"]]
     write_table(rows, out, title="dreamfleet demo: the toy model before and after DreamBooth")
-    _results_md(out, results, train_cfg, time.perf_counter() - t0)
+    _results_md(out, results, train_cfg, eval_cfg.images_per_prompt, time.perf_counter() - t0)
     _grid(results).save(out / "grid.png")
     print(f"results: {out / 'results.md'}")
     print(f"grid: {out / 'grid.png'}  (per subject: training photos | the expert in the five contexts; "
@@ -111,12 +118,11 @@ def run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
-def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_model: str) -> dict[str, Any]:
+def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_model: str, c) -> dict[str, Any]:
     """Base model and expert on the subject's evaluation prompts (a Ray task: 1 CPU, 1 torch thread)."""
     from dreamfleet.core.models import load_base
     from dreamfleet.data.manifest import Manifest
     from dreamfleet.eval.evaluate import (
-        EvalConfig,
         Scorers,
         SubjectCase,
         expert_pipeline,
@@ -128,7 +134,6 @@ def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_mode
     m = Manifest.open(manifest)
     rec = m.record(subject_id)
     photos = [im for _, im, _ in m.read_images(subject_id)]
-    c = EvalConfig()
     scorers = Scorers(c)
     pipe, info = expert_pipeline(Path(expert_dir))
     case = SubjectCase(subject_id, rec.class_noun, info.identifier, list(rec.eval_prompts), photos, label="DreamBooth")
@@ -144,7 +149,7 @@ def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_mode
     }
 
 
-def _results_md(out: Path, results: list[dict], train_cfg, wall_s: float) -> None:
+def _results_md(out: Path, results: list[dict], train_cfg, eval_images: int, wall_s: float) -> None:
     lines = []
     for r in results:
         where = f": photos {', '.join(r['photo_contexts'])}" if r["photo_contexts"] else ""
@@ -169,7 +174,7 @@ subject, trained through the fan-out on an embedded local Ray. {wall_s:.0f} s in
 below them the base model's images of the same prompts without `[V]`. A gold frame marks a
 context that none of the subject's photos shows: recontextualisation proper.
 
-Metrics (the toy judge, `docs/toy_world.md`; 4 images per prompt, 6 prompts): subject
+Metrics (the toy judge, `docs/toy_world.md`; {eval_images} image(s) per prompt, 6 prompts): subject
 fidelity (is it the subject? the base model cannot draw it), subject similarity, prompt
 fidelity (class and context as prompted: close to the base model's means the expert still
 follows prompts), the same over the novel contexts only, and class drift (does the plain

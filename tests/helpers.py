@@ -43,6 +43,21 @@ def fast_config(**overrides):
     return TrainConfig(**kw)
 
 
+def prefilled_class_cache(root: Path, cfg, nouns=("dog", "cat")) -> str:
+    """A class-image cache already holding ``cfg``'s class images of ``nouns`` for tiny-random
+    (made in process, ~1 s): a fan-out that finds them skips its Ray Data job (~20-30 s of
+    actor start-up on 2 cores), as a fleet's later runs do."""
+    from dreamfleet.core.models import load_base
+    from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
+
+    base = load_base("tiny-random")
+    c = cfg.resolve(native_resolution=base.resolution)
+    for noun in nouns:
+        req = ClassImageRequest.for_config(c, c.class_prompt.format(class_noun=noun, identifier=""))
+        ClassImageCache(root).ensure(base, req)
+    return str(root)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for servers started by a test)."""
     with socket.socket() as s:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import fast_config, free_port, picture, subject_folder
+from helpers import fast_config, free_port, picture, prefilled_class_cache, subject_folder
 
 from dreamfleet.dashboard.config import DashboardConfig
 from dreamfleet.dashboard.server import build_dashboard_app
@@ -223,8 +223,10 @@ def test_a_real_run_and_serving_in_chromium(ray_local, manifest, tmp_path, brows
         page.wait_for_selector("text=No runs in this registry yet")
         result: dict = {}
         cfg = fast_config(steps=12, validation_every=6, num_validation_images=2, checkpoint_every=0)
+        # class images ready (the page is watched for the run's subjects, not its class images)
+        fan = FanoutConfig(class_cache=prefilled_class_cache(tmp_path / "class-images", cfg))
         run = threading.Thread(target=lambda: result.update(s=run_fanout(
-            manifest, reg_uri, "tiny-random", cfg, FanoutConfig(), progress=False)))
+            manifest, reg_uri, "tiny-random", cfg, fan, progress=False)))
         run.start()
         # the run shows up as soon as its record is written, without reloading the page
         page.wait_for_selector("#runs-table tr[data-run]", timeout=60_000)

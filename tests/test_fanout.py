@@ -17,6 +17,7 @@ from helpers import (
     assert_within_noise,
     curve_gap,
     fast_config,
+    prefilled_class_cache,
     subject_folder,
     torch_threads,
     weight_gap,
@@ -56,20 +57,9 @@ def cfg(**kw):
 
 @pytest.fixture(scope="module")
 def class_cache(tmp_path_factory) -> str:
-    """A class-image cache already holding the dog and cat images of ``cfg()`` (made in process,
-    ~1 s), for the fan-outs that are not about class images: they find them, as a fleet's later
-    runs do, and skip the Ray Data job (~20-30 s of actor start-up here). The ZeRO-2 test keeps
-    a cache of its own and counts what a fan-out generates from nothing."""
-    from dreamfleet.core.models import load_base
-    from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
-
-    root = tmp_path_factory.mktemp("class-images")
-    base = load_base("tiny-random")
-    c = cfg().resolve(native_resolution=base.resolution)
-    for noun in ("dog", "cat"):
-        req = ClassImageRequest.for_config(c, c.class_prompt.format(class_noun=noun, identifier=""))
-        ClassImageCache(root).ensure(base, req)
-    return str(root)
+    """The dog and cat images of ``cfg()``, for the fan-outs that are not about class images.
+    The ZeRO-2 test keeps a cache of its own and counts what a fan-out generates from nothing."""
+    return prefilled_class_cache(tmp_path_factory.mktemp("class-images"), cfg())
 
 
 def test_zero2_two_workers_each_and_a_broken_subject_fails_alone(manifest, tmp_path):

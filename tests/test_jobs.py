@@ -46,23 +46,25 @@ def ray_head(tmp_path):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env=env)
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # the Job API answers once the head's dashboard is up
-        try:
-            if job_api(address, "/api/version").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail(f"the Ray head's Job API at {address} did not come up in 120 s; see {tmp_path / 'head.log'}")
-    yield address
-    # The whole head (its own process session) at once: `ray start --block` on SIGTERM waits
-    # 30 s and more for its children, and nothing of this throwaway cluster needs keeping.
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    log.close()
-
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the Job API answers once the head's dashboard is up
+            try:
+                if job_api(address, "/api/version").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"the Ray head's Job API at {address} did not come up in 120 s; see {tmp_path / 'head.log'}")
+        yield address
+    finally:
+        # The whole head (its own process session) at once, also when it never came up: `ray
+        # start --block` on SIGTERM waits 30 s and more for its children, and nothing of this
+        # throwaway cluster needs keeping.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        log.close()
 
 def test_submit_to_ray_head_and_wait_for_experts(ray_head, tmp_path):
     src = tmp_path / "src"

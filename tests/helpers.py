@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -108,6 +109,11 @@ def curve_gap(a, b) -> float:
     return float(np.max(np.abs(b - a) / np.abs(a)))
 
 
+def curve_spread(one, two) -> float:
+    """The spread of a curve between the 1- and 2-thread runs, floored at ROUNDING_FLOOR."""
+    return max(curve_gap(one, two), ROUNDING_FLOOR)
+
+
 def assert_within_noise(gap: dict[str, float], noise: dict[str, float], what: str) -> None:
     """Every statistic of ``gap`` is within NOISE_MARGIN times the same statistic of ``noise``
     (the spread of the same solo run at 1 and 2 threads, measured on this machine)."""
@@ -121,19 +127,14 @@ def assert_within_noise(gap: dict[str, float], noise: dict[str, float], what: st
         )
 
 
-class torch_threads:
+@contextlib.contextmanager
+def torch_threads(n: int):
     """``with torch_threads(n):`` runs the block with n intra-op threads, then restores them."""
+    import torch
 
-    def __init__(self, n: int):
-        self.n = n
-
-    def __enter__(self):
-        import torch
-
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.before)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import NOISE_MARGIN, ROUNDING_FLOOR, curve_gap, fast_config, picture, torch_threads
+from helpers import assert_within_noise, curve_gap, curve_spread, fast_config, picture, torch_threads
 
 from dreamfleet.registry import Registry
 from dreamfleet.serving.engine import ExpertEngine, GenItem
@@ -55,8 +55,8 @@ def experts(tmp_path_factory):
 def test_loss_curve_is_golden(experts, method):
     one, two = ([h["loss"] for h in experts[(method, n)].loop.history] for n in (1, 2))
     assert len(one) == STEPS
-    spread = max(curve_gap(one, two), ROUNDING_FLOOR)
-    assert curve_gap(GOLDEN_LOSSES[method], one) <= NOISE_MARGIN * spread, one
+    gap = {"loss": curve_gap(GOLDEN_LOSSES[method], one)}
+    assert_within_noise(gap, {"loss": curve_spread(one, two)}, f"{method} losses {one} against the golden curve")
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

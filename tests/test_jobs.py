@@ -66,36 +66,70 @@ def ray_head(tmp_path):
         proc.wait(30)
         log.close()
 
-def test_submit_to_ray_head_and_wait_for_experts(ray_head, tmp_path):
+def wait_for_job(address: str, job_id: str, timeout: float = 300) -> dict:
+    """The job's details once it has ended, polled through the Job REST API (a `dreamfleet
+    status` process per poll would take a CPU from the job on a 2-core machine)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = job_api(address, f"/api/jobs/{job_id}").json()
+        if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
+
+
+def test_submit_driver_killed_then_resubmitted_resumes(ray_head, tmp_path):
+    """`dreamfleet submit` to a real head; the job's driver dies (SIGKILL) mid-subject and
+    takes its worker groups with it; the same submission again resumes each subject from its
+    last checkpoint instead of step 0, and the run finishes."""
+    from dreamfleet.registry import Registry
+
     src = tmp_path / "src"
     for i, name in enumerate(["dog1", "cat1"]):
         subject_folder(src, name, n=3, seed=i)
     (src / "classes.csv").write_text("subject_id,class_noun\ndog1,dog\ncat1,cat\n")
     r = dreamfleet("manifest", "build", "--from-folders", str(src), "--out", str(tmp_path / "man"), "--min-side", "32")
     assert r.returncode == 0, r.stderr
-    r = dreamfleet("submit", str(tmp_path / "man"), "--address", ray_head, "--out", str(tmp_path / "reg"),
-                   "--python", sys.executable, "--steps", "3", "--num-class-images", "2",
-                   "--class-generation-steps", "2", "--validation-inference-steps", "2", "--num-validation-images", "1")
+    steps = 100  # long enough to kill the driver between a checkpoint and the end (a step is ~0.1-0.2 s here)
+    submit = ["submit", str(tmp_path / "man"), "--address", ray_head, "--out", str(tmp_path / "reg"),
+              "--python", sys.executable, "--steps", str(steps), "--checkpoint-every", "10",
+              "--num-class-images", "2", "--class-generation-steps", "2", "--validation-inference-steps", "2",
+              "--num-validation-images", "1", "--learning-rate", "1e-3"]
+    r = dreamfleet(*submit)
     assert r.returncode == 0, r.stderr
-    job_id = r.stdout.strip().splitlines()[-1]
-    assert job_id.startswith("dreamfleet-")
-    # Wait through the Job REST API (a `dreamfleet status` process per poll would take a CPU
-    # from the job on a 2-core machine), then ask the CLI once.
+    first = r.stdout.strip().splitlines()[-1]
+    assert first.startswith("dreamfleet-")
+    reg = Registry(tmp_path / "reg")
+    killed_at: dict[str, int] = {}
     deadline = time.time() + 300
-    state = None
-    while time.time() < deadline:
-        state = job_api(ray_head, f"/api/jobs/{job_id}").json()["status"]
-        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(1)
-    status = dreamfleet("status", job_id, "--address", ray_head)
+    while time.time() < deadline and not killed_at:
+        job = job_api(ray_head, f"/api/jobs/{first}").json()
+        assert job["status"] in ("PENDING", "RUNNING"), job
+        states = {sid: reg.get_state(sid) for sid in ("dog1", "cat1")}
+        if any(st and st.state == "training" and (st.checkpoint_step or 0) >= 20 and st.step < steps - 40
+               for st in states.values()):
+            killed_at = {sid: st.checkpoint_step or 0 for sid, st in states.items() if st}
+            os.kill(int(job["driver_info"]["pid"]), signal.SIGKILL)
+        time.sleep(0.2)
+    assert killed_at, "never saw a checkpoint of a running subject"
+    assert wait_for_job(ray_head, first, 60)["status"] == "FAILED"
+    assert reg.latest("dog1") is None or reg.latest("cat1") is None  # killed mid-run
+    assert reg.run(first)["state"] == "running"  # the dead driver never closed its run
+
+    r = dreamfleet(*submit)
+    assert r.returncode == 0, r.stderr
+    second = r.stdout.strip().splitlines()[-1]
+    state = wait_for_job(ray_head, second)["status"]
+    status = dreamfleet("status", second, "--address", ray_head)
     assert state == "SUCCEEDED" and "SUCCEEDED" in status.stdout, (state, status.stdout + status.stderr)
     assert "2 done" in status.stdout
-    from dreamfleet.registry import Registry
-
-    reg = Registry(tmp_path / "reg")
-    assert reg.latest("dog1") == "v0001" and reg.latest("cat1") == "v0001"
-    assert reg.run(job_id)["state"] == "finished"
+    assert reg.run(second)["state"] == "finished"
+    for sid, at in killed_at.items():
+        assert reg.versions(sid) == ["v0001"]
+        stats = reg.expert_info(sid).train_stats
+        if at:  # resumed from its checkpoint, not retrained from step 0
+            assert stats["resumed_from"] >= at, (sid, stats)
+            assert stats["steps_executed"] < 2 * steps - at, (sid, stats)
 
 
 def test_cluster_yamls_parse_and_name_the_entrypoint():

@@ -97,6 +97,17 @@ class DistContext:
 # --------------------------------------------------------------------------- engines
 
 
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend compiles its shared-memory all-reduce op with g++ in
+    ``init_distributed`` (~50 s on 2 cores, again on every new machine or virtualenv). That op
+    serves only ``inference_all_reduce`` (tensor-parallel inference); ZeRO training reduces
+    through the gloo process group either way, so a CPU training run does not build it.
+    ``deepspeed.ops.__compatible_ops__`` is one cached dict that DeepSpeed keeps edits to."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     """The loop's Engine over ``deepspeed.initialize`` (ZeRO stage 2 or 3, optional CPU offload).
 
@@ -131,6 +142,8 @@ class DeepSpeedEngine:
         }
         if offload:
             ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if s.device.type == "cpu":
+            _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend="gloo" if s.device.type == "cpu" else "nccl")
         self.engine, _, _, _ = deepspeed.initialize(
             model=objective.unet,

@@ -138,3 +138,37 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def plain_pipeline(expert_dir: Path, root: Path):
+    """A full-weight expert in a plain diffusers ``StableDiffusionPipeline``, nothing of
+    dreamfleet's loading involved: the tiny-random base as saved on disk, the expert's
+    ``unet/`` and, when it has one, its trained ``text_encoder/``; the DPM-Solver sampler
+    that serving, eval and gather use."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from dreamfleet.core.models import load_base
+
+    sd = root / "plain-sd"
+    if not sd.is_dir():
+        load_base("tiny-random").save_pretrained(sd)
+    parts = {"unet": UNet2DConditionModel.from_pretrained(expert_dir / "unet")}
+    if (expert_dir / "text_encoder").is_dir():
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(expert_dir / "text_encoder")
+    pipe = StableDiffusionPipeline.from_pretrained(sd, safety_checker=None, requires_safety_checker=False, **parts)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float = 7.5,
+                    size: int | None = None) -> list[np.ndarray]:
+    """8-bit RGB arrays of one pipeline call, one CPU generator per image (as serving seeds them)."""
+    import torch
+
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    kw = {"width": size, "height": size} if size else {}
+    with torch.inference_mode():
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, **kw).images
+    return [np.asarray(im.convert("RGB"), dtype=np.int16) for im in images]

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import fast_config, free_port, picture
+from helpers import fast_config, free_port, picture, pipeline_images, plain_pipeline
 from PIL import Image
 
 from dreamfleet.core.expert import ExpertInfo
@@ -28,9 +28,9 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 GEN = {"steps": 3, "seed": 7, "width": 64, "height": 64}
 
 
-def train(tmp: Path, sid: str, seed: int, tenant: str | None, method: str = "lora") -> Path:
+def train(tmp: Path, sid: str, seed: int, tenant: str | None, method: str = "lora", **kw) -> Path:
     subject = SubjectData(sid, "dog", [picture(seed * 10 + i) for i in range(3)], tenant=tenant)
-    cfg = fast_config(steps=6, learning_rate=5e-2 if method == "lora" else 5e-3, method=method, seed=seed)
+    cfg = fast_config(steps=6, learning_rate=5e-2 if method == "lora" else 5e-3, method=method, seed=seed, **kw)
     return train_subject(subject, "tiny-random", cfg, tmp / "experts" / sid,
                          class_cache=ClassImageCache(tmp / "cache"), progress=False).expert_dir
 
@@ -53,7 +53,8 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
     reg = Registry(tmp / "reg")
     experts = {"alpha": train(tmp, "alpha", 1, "acme"), "beta": train(tmp, "beta", 2, "bravo"),
-               "gamma": train(tmp, "gamma", 3, None, method="full")}
+               "gamma": train(tmp, "gamma", 3, None, method="full"),
+               "delta": train(tmp, "delta", 4, "bravo", method="full", train_text_encoder=True)}
     for sid, folder in experts.items():
         reg.publish(sid, folder)
     keys = KeyStore(tmp / "reg" / "serving" / "keys.json")
@@ -134,6 +135,18 @@ def test_routing_under_interleaving_has_no_adapter_bleed(server):
         own = np.abs(got - reference[sid]).mean()
         others = min(np.abs(got - reference[o]).mean() for o in reference if o != sid)
         assert own < 1.0 and others > 3.0, (sid, own, others)
+
+
+def test_full_expert_with_text_encoder_is_served_as_plain_diffusers_renders_it(server):
+    """delta: a full expert trained with --train-text-encoder; the app applies its UNet and its
+    text encoder, so the image is a plain diffusers pipeline's with both loaded (8-bit: within
+    one level for a reduction-order difference between the replica and this process)."""
+    reply = post(server, {"subject": "delta", "prompt": "a photo of {subject}", **GEN})
+    assert reply.status_code == 200, reply.text
+    got = decode(reply.json()["images"][0]).astype(np.int16)
+    plain = plain_pipeline(server["experts"]["delta"], server["tmp"])
+    want = pipeline_images(plain, [reply.json()["prompt"]], [GEN["seed"]], GEN["steps"], size=GEN["width"])[0]
+    assert np.abs(got - want).max() <= 1
 
 
 def test_openai_client(server):

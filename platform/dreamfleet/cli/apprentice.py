@@ -109,12 +109,12 @@ def run_generate(args: argparse.Namespace) -> int:
         images = app.generate(demos, [prompt] * args.num_images, steps=args.steps,
                               guidance_scale=args.guidance_scale, generators=gens)
     else:
-        from dreamfleet.eval.evaluate import expert_pipeline
+        from dreamfleet.core.expert import open_expert
         from dreamfleet.registry import Registry
 
         if not args.registry:
             raise ConfigError("--subject needs --registry")
-        pipe, info = expert_pipeline(Registry(args.registry, create=False).fetch(args.subject))
+        pipe, info = open_expert(Registry(args.registry, create=False).fetch(args.subject))
         pipe.to(device)
         prompt = info.prompt(args.prompt)
         images = pipe([prompt] * args.num_images, num_inference_steps=args.steps,

@@ -120,12 +120,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_model: str, c) -> dict[str, Any]:
     """Base model and expert on the subject's evaluation prompts (a Ray task: 1 CPU, 1 torch thread)."""
+    from dreamfleet.core.expert import open_expert
     from dreamfleet.core.models import load_base
     from dreamfleet.data.manifest import Manifest
     from dreamfleet.eval.evaluate import (
         Scorers,
         SubjectCase,
-        expert_pipeline,
         generate_case,
         score_case,
     )
@@ -135,7 +135,7 @@ def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_mode
     rec = m.record(subject_id)
     photos = [im for _, im, _ in m.read_images(subject_id)]
     scorers = Scorers(c)
-    pipe, info = expert_pipeline(Path(expert_dir))
+    pipe, info = open_expert(Path(expert_dir))
     case = SubjectCase(subject_id, rec.class_noun, info.identifier, list(rec.eval_prompts), photos, label="DreamBooth")
     base_case = SubjectCase(subject_id, rec.class_noun, info.identifier, list(rec.eval_prompts), photos, label="base")
     base_gen = generate_case(load_base(base_model).pipeline(), base_case, c, with_identifier=False)

@@ -24,6 +24,7 @@ from typing import Any
 
 from dreamfleet.core.config import cfg, from_dict, to_dict
 from dreamfleet.core.errors import ConfigError, DataError
+from dreamfleet.core.expert import expert_pipeline, read_expert
 
 log = logging.getLogger("dreamfleet")
 
@@ -126,15 +127,16 @@ class ExpertRenderer:
         self.registry = Registry(registry_uri, create=False)
         self.scorer = make_fidelity(self.c.scorer, dino_model=self.c.dino_model, clip_model=self.c.clip_model,
                                     device=self.device)
-        self.pipes: dict[str, Any] = {}
+        self.bases: dict[str, tuple[Any, Any]] = {}
 
-    def _pipe(self, spec: str):
-        if spec not in self.pipes:
+    def _base(self, spec: str) -> tuple[Any, Any]:
+        """(base model, its pipeline on the device), loaded once per base."""
+        if spec not in self.bases:
             from dreamfleet.core.models import load_base
 
             base = load_base(spec)  # fresh: adapters are loaded into it
-            self.pipes[spec] = base.pipeline(device=self.device)
-        return self.pipes[spec]
+            self.bases[spec] = (base, base.pipeline(device=self.device))
+        return self.bases[spec]
 
     def _render(self, pipe, prompts: list[str]):
         import torch
@@ -149,25 +151,16 @@ class ExpertRenderer:
     def render_expert(self, subject_id: str, version: str) -> list[dict[str, Any]]:
         c = self.c
         real, info, folder = real_images(self.registry, subject_id, version)
-        pipe = self._pipe(info.base_model["spec"])
+        base, pipe = self._base(info.base_model["spec"])
         prompts = [" ".join(t.format(info.identifier, info.class_noun).split()) for t in c.templates]
         plain = [" ".join(t.format("", info.class_noun).split()) for t in c.templates]
         base_imgs = self._render(pipe, prompts)
-        if info.method == "lora":
-            pipe.load_lora_weights(str(folder))
-            try:
-                expert_imgs = self._render(pipe, prompts)
-            finally:
+        weights = read_expert(folder, base, info).to(self.device)
+        try:
+            expert_imgs = self._render(expert_pipeline(base, weights, pipe=pipe), prompts)
+        finally:
+            if weights.lora is not None:
                 pipe.unload_lora_weights()
-        else:
-            from diffusers import UNet2DConditionModel
-
-            original = pipe.unet
-            pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(self.device).eval()
-            try:
-                expert_imgs = self._render(pipe, prompts)
-            finally:
-                pipe.unet = original
         s_exp = self.scorer.subject(expert_imgs, real)
         s_base = self.scorer.subject(base_imgs, real)
         flat_plain = [p for p in plain for _ in range(c.images_per_prompt)]

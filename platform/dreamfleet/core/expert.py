@@ -70,3 +70,75 @@ class ExpertInfo:
             )
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# --------------------------------------------------------------------------- loading
+
+@dataclass
+class ExpertWeights:
+    """Everything an expert folder holds, read into memory: its LoRA state (UNet and, when
+    trained, text-encoder keys) or its full-weight UNet and, when trained, text encoder.
+    The one loader that serving, evaluation and gather share."""
+
+    info: ExpertInfo
+    lora: dict[str, Any] | None = None
+    unet: Any = None
+    text_encoder: Any = None
+
+    @property
+    def modules(self) -> list[Any]:
+        return [m for m in (self.unet, self.text_encoder) if m is not None]
+
+    @property
+    def nbytes(self) -> int:
+        if self.lora is not None:
+            return sum(t.numel() * t.element_size() for t in self.lora.values())
+        return sum(p.numel() * p.element_size() for m in self.modules for p in m.parameters())
+
+    def to(self, device: Any, dtype: Any = None) -> ExpertWeights:
+        """Move the full-weight modules (a LoRA state moves when it is loaded into a pipeline)."""
+        for m in self.modules:
+            m.to(device, dtype)
+        return self
+
+
+def read_expert(folder: str | Path, base: Any, info: ExpertInfo | None = None) -> ExpertWeights:
+    """Read an expert folder onto the host. ``base`` is the expert's base model (a
+    ``core.models.BaseModel``): its full-weight components load with the base's classes."""
+    folder = Path(folder)
+    info = info or ExpertInfo.read(folder)
+    if info.method == "lora":
+        from safetensors.torch import load_file
+
+        return ExpertWeights(info, lora=load_file(str(folder / LORA_WEIGHTS)))
+    weights = ExpertWeights(info, unet=_component(type(base.unet), folder / "unet"))
+    if (folder / "text_encoder").is_dir():
+        weights.text_encoder = _component(type(base.text_encoder), folder / "text_encoder")
+    return weights
+
+
+def _component(cls: Any, folder: Path) -> Any:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: missing; the expert folder is incomplete (publish it again)")
+    return cls.from_pretrained(folder).eval().requires_grad_(False)
+
+
+def expert_pipeline(base: Any, weights: ExpertWeights, *, pipe: Any = None, adapter_name: str | None = None):
+    """A diffusers pipeline over ``base`` with everything the expert holds applied: its LoRA
+    adapter loaded into ``pipe`` (default: a new pipeline over the base's modules, which the
+    adapter then modifies), or its full UNet and text encoder in place of the base's."""
+    if weights.lora is not None:
+        pipe = pipe if pipe is not None else base.pipeline()
+        pipe.load_lora_weights(dict(weights.lora), adapter_name=adapter_name)
+        return pipe
+    return base.pipeline(unet=weights.unet, text_encoder=weights.text_encoder)
+
+
+def open_expert(folder: str | Path) -> tuple[Any, ExpertInfo]:
+    """(pipeline with the expert applied, its ExpertInfo) over a fresh copy of its base model
+    (LoRA loading modifies the base's modules): for evaluation, demos and one-off renders."""
+    from dreamfleet.core.models import load_base
+
+    info = ExpertInfo.read(folder)
+    base = load_base(info.base_model["spec"])
+    return expert_pipeline(base, read_expert(folder, base, info)), info

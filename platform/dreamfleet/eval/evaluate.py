@@ -21,6 +21,7 @@ from PIL import Image
 
 from dreamfleet.core.config import cfg
 from dreamfleet.core.errors import ConfigError
+from dreamfleet.core.expert import open_expert
 from dreamfleet.core.images import image_grid
 
 log = logging.getLogger("dreamfleet")
@@ -190,30 +191,6 @@ def write_table(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluati
     return out / "results.csv", out / "results.md"
 
 
-def expert_pipeline(expert_dir: Path) -> tuple[Any, Any]:
-    """(pipeline with the expert applied, ExpertInfo); LoRA experts are loaded with diffusers' own API."""
-    from diffusers import UNet2DConditionModel
-
-    from dreamfleet.core.expert import ExpertInfo
-    from dreamfleet.core.models import load_base
-
-    info = ExpertInfo.read(expert_dir)
-    spec = info.base_model["spec"]
-    base = load_base(spec)  # a fresh instance: LoRA loading modifies its UNet
-    if info.method == "lora":
-        pipe = base.pipeline()
-        pipe.load_lora_weights(str(expert_dir))
-    else:
-        unet = UNet2DConditionModel.from_pretrained(expert_dir / "unet").eval()
-        text_encoder = None
-        if (expert_dir / "text_encoder").is_dir():
-            from transformers import CLIPTextModel
-
-            text_encoder = CLIPTextModel.from_pretrained(expert_dir / "text_encoder").eval()
-        pipe = base.pipeline(unet=unet, text_encoder=text_encoder)
-    return pipe, info
-
-
 def evaluate_experts(expert_dirs: Sequence[Path], manifest: str | Path, out: str | Path, c: EvalConfig | None = None,
                      *, include_base: bool = False, on_row: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
     """Evaluate each expert on its manifest subject's prompts; write the table and grids under ``out``."""
@@ -226,7 +203,7 @@ def evaluate_experts(expert_dirs: Sequence[Path], manifest: str | Path, out: str
     scorers = Scorers(c)
     rows: list[dict[str, Any]] = []
     for expert_dir in expert_dirs:
-        pipe, info = expert_pipeline(Path(expert_dir))
+        pipe, info = open_expert(Path(expert_dir))
         rec = m.record(info.subject_id)
         case = SubjectCase(
             subject_id=info.subject_id, class_noun=info.class_noun, identifier=info.identifier,

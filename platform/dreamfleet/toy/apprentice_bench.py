@@ -138,7 +138,7 @@ def evaluate_heldout(out: Path, held_m: Path, held_reg: Path, app_dirs: dict[str
     import torch
 
     from dreamfleet.core.apprentice import Apprentice
-    from dreamfleet.core.expert import ExpertInfo
+    from dreamfleet.core.expert import ExpertInfo, open_expert
     from dreamfleet.core.models import load_base
     from dreamfleet.data.manifest import Manifest
     from dreamfleet.eval.evaluate import (
@@ -146,7 +146,6 @@ def evaluate_heldout(out: Path, held_m: Path, held_reg: Path, app_dirs: dict[str
         Scorers,
         SubjectCase,
         evaluate_case,
-        expert_pipeline,
         write_table,
     )
     from dreamfleet.registry import Registry
@@ -170,7 +169,7 @@ def evaluate_heldout(out: Path, held_m: Path, held_reg: Path, app_dirs: dict[str
         folder = reg.fetch(sid)
         info = ExpertInfo.read(folder)
         t1 = time.perf_counter()
-        pipe, _ = expert_pipeline(folder)
+        pipe, _ = open_expert(folder)
         pipe([info.prompt("a {subject} in the snow")], num_inference_steps=ec.num_inference_steps,
              guidance_scale=ec.guidance_scale, generator=[torch.Generator().manual_seed(0)])
         ttfi["expert_train_s"].append(info.wall_time_s)

@@ -111,9 +111,9 @@ def run_microbench(out: str | Path, c: MicrobenchConfig | None = None, *, base_s
 
 def _trained_pipeline(result, base_spec: str):
     """The expert as the trainer wrote it, loaded back the way `dreamfleet eval` loads it."""
-    from dreamfleet.eval.evaluate import expert_pipeline
+    from dreamfleet.core.expert import open_expert
 
-    pipe, _ = expert_pipeline(result.expert_dir)
+    pipe, _ = open_expert(result.expert_dir)
     return pipe
 
 

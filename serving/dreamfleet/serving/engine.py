@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dreamfleet.core.expert import LORA_WEIGHTS, ExpertInfo
+from dreamfleet.core.expert import ExpertInfo, ExpertWeights, expert_pipeline, read_expert
 from dreamfleet.core.models import BaseModel, load_base
 
 log = logging.getLogger("dreamfleet")
@@ -48,13 +48,18 @@ class GenItem:
 
 @dataclass
 class HostExpert:
-    """An expert's weights in host memory."""
+    """An expert's weights in host memory (all of them: LoRA, or UNet and text encoder)."""
 
-    info: ExpertInfo
+    weights: ExpertWeights
     version: str
-    lora_state: dict[str, torch.Tensor] | None = None
-    unet: Any = None
-    nbytes: int = 0
+
+    @property
+    def info(self) -> ExpertInfo:
+        return self.weights.info
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.nbytes
 
 
 @dataclass
@@ -116,17 +121,7 @@ class ExpertEngine:
             return self.host[key]
         folder = self.registry.fetch(subject_id, version)
         info = ExpertInfo.read(folder)
-        entry = HostExpert(info, version)
-        if info.method == "lora":
-            from safetensors.torch import load_file
-
-            entry.lora_state = load_file(str(folder / LORA_WEIGHTS))
-            entry.nbytes = sum(t.numel() * t.element_size() for t in entry.lora_state.values())
-        else:
-            from diffusers import UNet2DConditionModel
-
-            entry.unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
-            entry.nbytes = sum(p.numel() * p.element_size() for p in entry.unet.parameters())
+        entry = HostExpert(read_expert(folder, self.base(info.base_model["spec"]), info), version)
         self.stats.loads_disk += 1
         self.host[key] = entry
         while len(self.host) > self.host_cache_size:
@@ -145,10 +140,10 @@ class ExpertEngine:
                 base = self.base(entry.info.base_model["spec"])
                 if entry.info.method == "lora":
                     name = adapter_name(subject_id, version)
-                    self.pipes[base.spec].load_lora_weights(dict(entry.lora_state), adapter_name=name)
+                    expert_pipeline(base, entry.weights, pipe=self.pipes[base.spec], adapter_name=name)
                     self.active[key] = name
                 else:
-                    entry.unet.to(self.device, self.dtype)
+                    entry.weights.to(self.device, self.dtype)
                     self.active[key] = "full"
             self.stats.swap_s.append(time.perf_counter() - t0)
             return entry
@@ -163,8 +158,8 @@ class ExpertEngine:
             self.stats.evictions += 1
             entry = self.host.get(key)
             if what == "full":
-                if entry is not None and entry.unet is not None:
-                    entry.unet.to("cpu")
+                if entry is not None:
+                    entry.weights.to("cpu")
                 return
             for pipe in self.pipes.values():
                 if what in (pipe.get_list_adapters().get("unet", []) or []):
@@ -190,13 +185,10 @@ class ExpertEngine:
                     module.set_adapter(name)
                 else:  # e.g. a UNet-only expert while another expert's text-encoder adapter is loaded
                     module.disable_adapters()
-            unet = base.unet
-        else:
-            for component in loaded:
-                getattr(owner, component).disable_adapters()
-            unet = entry.unet
-        pipe = base.pipeline(unet=unet)  # shares the modules; its own scheduler instance
-        return pipe
+            return base.pipeline()  # shares the modules; its own scheduler instance
+        for component in loaded:
+            getattr(owner, component).disable_adapters()
+        return expert_pipeline(base, entry.weights)  # the expert's UNet and text encoder, the base's VAE
 
     def generate(self, subject_id: str, version: str, items: list[GenItem]) -> list[list[Image.Image]]:
         """Images for each item, in order. Items with the same shape share one pipeline call."""

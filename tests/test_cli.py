@@ -73,6 +73,24 @@ def test_user_mistakes_exit_cleanly(tmp_path, setup, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_manifest_override_is_refused_before_ray_starts(tmp_path):
+    """A per-subject learning_rate of -1 in the manifest: `dreamfleet train` refuses the run at
+    submit time, naming the subject and the field; no Ray session, no registry entry."""
+    src = tmp_path / "src"
+    for i, name in enumerate(["good", "bad"]):
+        subject_folder(src, name, n=3, seed=i)
+    (src / "classes.csv").write_text("subject_id,class_noun,learning_rate\ngood,dog,\nbad,dog,-1\n")
+    r = cli("manifest", "build", "--from-folders", str(src), "--out", str(tmp_path / "man"), "--min-side", "32")
+    assert r.returncode == 0, r.stderr
+    sessions = set(Path("/tmp/ray").glob("session_2*")) if Path("/tmp/ray").is_dir() else set()
+    r = cli("train", str(tmp_path / "man"), "--out", str(tmp_path / "reg"), "--steps", "2")
+    assert r.returncode == 2, r.stderr
+    assert "subject 'bad'" in r.stderr and "learning_rate" in r.stderr and "-1" in r.stderr, r.stderr
+    assert "'good'" not in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "reg" / "runs").exists() and not list((tmp_path / "reg").glob("subjects/*"))
+    assert (set(Path("/tmp/ray").glob("session_2*")) if Path("/tmp/ray").is_dir() else set()) == sessions
+
+
 def test_demo_runs_end_to_end(tmp_path):
     # `make demo` with one toy subject, 4 steps, 4 class images and 1 image per evaluation prompt:
     # the fan-out, the evaluation, results.md and the grid

@@ -124,6 +124,45 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, cache):
     assert not work_dir_for(tmp_path / "b").exists()  # cleaned after publishing
 
 
+def test_resume_with_another_config_is_refused_naming_both_values(tmp_path, cache):
+    """The resolved config is in every checkpoint: a resume that changes what is trained is
+    refused, naming each field with the checkpoint's value and the new one."""
+    cfg = fast_config(steps=8, checkpoint_every=4, learning_rate=1e-2)
+
+    def crash(step, metrics):
+        if step == 5:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_subject(subject(), "tiny-random", cfg, tmp_path / "b", class_cache=cache, progress=False, on_step=crash)
+    state = json.loads((work_dir_for(tmp_path / "b") / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["config"]["steps"] == 8 and state["config"]["resolution"] == 32  # resolved, not the recipe
+    changed = fast_config(steps=12, checkpoint_every=4, learning_rate=2e-2)
+    with pytest.raises(ConfigError) as err:
+        train_subject(subject(), "tiny-random", changed, tmp_path / "b", class_cache=cache, progress=False)
+    assert "steps: the checkpoint has 8, this run 12" in str(err.value)
+    assert "learning_rate: the checkpoint has 0.01, this run 0.02" in str(err.value)
+    assert "--allow-config-change" in str(err.value)
+    # only when and what is written changes: resumed as before
+    later = fast_config(steps=8, checkpoint_every=2, learning_rate=1e-2, validation_every=4)
+    assert train_subject(subject(), "tiny-random", later, tmp_path / "b", class_cache=cache,
+                         progress=False).loop.resumed_from == 4
+
+
+def test_allow_config_change_resumes_anyway(tmp_path, cache):
+    cfg = fast_config(steps=8, checkpoint_every=4, learning_rate=1e-2)
+
+    def crash(step, metrics):
+        if step == 5:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_subject(subject(), "tiny-random", cfg, tmp_path / "b", class_cache=cache, progress=False, on_step=crash)
+    r = train_subject(subject(), "tiny-random", fast_config(steps=10, checkpoint_every=4, learning_rate=1e-2),
+                      tmp_path / "b", class_cache=cache, progress=False, allow_config_change=True)
+    assert r.loop.resumed_from == 4 and r.loop.final_step == 10
+
+
 def test_same_seed_same_weights(tmp_path, cache):
     cfg = fast_config(steps=3)
     a = train_subject(subject(), "tiny-random", cfg, tmp_path / "a", class_cache=cache, progress=False)

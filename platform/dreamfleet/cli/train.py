@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="JSON/YAML recipe of training options; flags override it")
     p.add_argument("--skip-bad-images", action="store_true", help="train on the readable photos, skipping bad ones")
     p.add_argument("--overwrite", action="store_true", help="replace an existing expert at --out")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume an interrupted run even though its checkpoint was trained with other options")
     C.add_arguments(p, TrainConfig)
     p.set_defaults(handler=run)
 
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     result = train_subject(
         subject, args.base_model, cfg, args.out,
         class_cache=ClassImageCache(args.class_cache) if args.class_cache else None,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, allow_config_change=args.allow_config_change,
     )
     info = result.info
     print(f"expert written to {result.expert_dir}")

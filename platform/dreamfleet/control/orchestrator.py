@@ -103,6 +103,26 @@ def select_subjects(manifest, subjects: list[str] | None) -> list[str]:
     return list(dict.fromkeys(subjects))
 
 
+def check_subject_configs(manifest, manifest_uri: str, subjects: list[str], train_cfg: TrainConfig) -> None:
+    """Every subject's config (the run's, with the manifest's per-subject overrides) built and
+    validated on the driver, before Ray starts or anything is written: a bad override fails
+    the submission, naming each subject and field, instead of a worker later."""
+    from dreamfleet.trainers.runtime import subject_config
+
+    problems = []
+    for sid in subjects:
+        try:
+            subject_config(to_dict(train_cfg), manifest.record(sid))
+        except ConfigError as e:
+            problems.append(str(e) if sid in str(e) else f"subject {sid!r}: {e}")
+    if problems:
+        raise ConfigError(
+            f"manifest {manifest_uri}: {len(problems)} subject(s) with invalid training overrides, nothing "
+            "started:\n  " + "\n  ".join(problems) + "\nfix them in the manifest's subject table "
+            "(columns steps, learning_rate, method, train_overrides) and rebuild it, or leave them out with --subjects"
+        )
+
+
 def run_fanout(
     manifest_uri: str,
     registry_uri: str,
@@ -131,6 +151,7 @@ def run_fanout(
             if registry.latest(sid) and (st is None or st.state == "done"):
                 skipped.append(sid)
     todo = [s for s in chosen if s not in set(skipped)]
+    check_subject_configs(manifest, manifest_uri, todo, train_cfg)
     if fan.pack > 1 and train_cfg.method != "lora":
         raise ConfigError(f"--pack {fan.pack} packs LoRA adapters; this run trains method={train_cfg.method!r} "
                           "(pass --method lora, or --pack 1)")
@@ -297,10 +318,7 @@ def pregenerate_class_images(manifest, subjects, base_model, train_cfg: TrainCon
     requests: dict[str, ClassImageRequest] = {}
     for sid in subjects:
         record = manifest.record(sid)
-        try:
-            c = subject_config(to_dict(train_cfg), record).resolve(native_resolution=base.resolution)
-        except ConfigError:
-            continue  # reported when the subject trains
+        c = subject_config(to_dict(train_cfg), record).resolve(native_resolution=base.resolution)
         if not c.with_prior_preservation:
             continue
         req = ClassImageRequest.for_config(c, c.class_prompt.format(class_noun=record.class_noun, identifier=""))

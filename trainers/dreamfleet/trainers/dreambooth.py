@@ -429,11 +429,13 @@ def train_subject(
     overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Train one subject end to end and publish its expert folder at ``out_dir``.
 
     Interrupted runs resume from the newest checkpoint in the work folder beside ``out_dir``
-    when called again with the same arguments.
+    when called again with the same arguments; with another config they are refused
+    (``ConfigError`` naming the fields) unless ``allow_config_change``.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -451,7 +453,8 @@ def train_subject(
         grid.save(work / "validation" / f"step-{step:08d}.png")
 
     hooks = LoopHooks(on_step=on_step, on_validation=on_validation)
-    result = run_loop(objective, loop_settings(p.cfg, p, progress=progress), checkpoint_dir=work / "checkpoints", hooks=hooks)
+    result = run_loop(objective, loop_settings(p.cfg, p, progress=progress), checkpoint_dir=work / "checkpoints",
+                      hooks=hooks, config=to_dict(p.cfg), allow_config_change=allow_config_change)
     info = publish_expert(p, result, out_dir, work, wall_time_s=time.perf_counter() - t0, overwrite=overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return TrainResult(expert_dir=out_dir, info=info, loop=result)

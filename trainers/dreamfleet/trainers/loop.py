@@ -11,6 +11,7 @@ A distributed runtime wraps this loop through :class:`LoopHooks` and an optional
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import re
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreamfleet.core.artifacts import atomic_dir, read_json, write_json
+from dreamfleet.core.errors import ConfigError
 
 log = logging.getLogger("dreamfleet")
 
@@ -220,15 +222,60 @@ def list_checkpoints(checkpoint_dir: Path | None) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(checkpoint_dir: Path, step: int, engine: Engine, history: list[dict], *, is_main: bool = True) -> Path:
+def save_checkpoint(checkpoint_dir: Path, step: int, engine: Engine, history: list[dict], *, is_main: bool = True,
+                    config: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint; ``state.json`` records the step, the loss history and the resolved
+    config the run trains with (as litgpt and nanoGPT keep it beside the weights)."""
     final = checkpoint_dir / f"step-{step:08d}"
     with atomic_dir(final, overwrite=True) as tmp:
         engine.save(tmp, is_main=is_main)
         # Only rank 0 writes the shared files: a distributed runtime merges every rank's
         # checkpoint folder into one, and two ranks' state.json would collide there.
         if is_main:
-            write_json(tmp / "state.json", {"step": step, "history": history})
+            write_json(tmp / "state.json", {"step": step, "history": history, "config": config})
     return final
+
+
+# Settings a resumed run may change: they decide what is written and when, not what is trained.
+RESUME_FREE_FIELDS = frozenset({
+    "checkpoint_every", "checkpoints_total_limit", "validation_every", "num_validation_images",
+    "validation_prompts", "validation_inference_steps",
+})
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The fields (dotted into sections) where ``new`` differs from ``old``, with both values."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUME_FREE_FIELDS:
+            continue
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: the checkpoint has {a!r}, this run {b!r}")
+    return changes
+
+
+def check_resume_config(path: Path, config: dict[str, Any] | None, *, allow_change: bool = False) -> None:
+    """Refuse to resume a checkpoint written with another config, naming what differs."""
+    try:
+        recorded = read_json(path / "state.json").get("config")
+    except Exception:  # unreadable: run_loop falls back to an older checkpoint
+        return
+    if recorded is None or config is None:
+        return
+    changes = config_changes(recorded, json.loads(json.dumps(config)))
+    if not changes:
+        return
+    if allow_change:
+        log.warning("resuming %s with a changed config: %s", path, "; ".join(changes))
+        return
+    raise ConfigError(
+        f"{path}: this checkpoint was trained with another config ({'; '.join(changes)}). Run again with "
+        f"the checkpoint's values, pass --allow-config-change to resume anyway, or delete {path.parent} to "
+        "start over"
+    )
 
 
 def load_checkpoint(path: Path, engine: Engine) -> tuple[int, list[dict]]:
@@ -262,18 +309,23 @@ def run_loop(
     hooks: LoopHooks | None = None,
     engine: Engine | None = None,
     is_main: bool = True,
+    config: dict[str, Any] | None = None,
+    allow_config_change: bool = False,
 ) -> LoopResult:
     """Train ``objective`` for ``s.steps`` optimizer steps, resuming from the newest
     checkpoint in ``checkpoint_dir`` if there is one.
 
     ``engine`` defaults to a :class:`LocalEngine`; ``is_main`` is False on the other ranks
     of a distributed run (they write no replicated state and show no progress bar).
+    ``config`` (the resolved config) goes into every checkpoint; a checkpoint written with
+    another one is not resumed (``ConfigError``) unless ``allow_config_change``.
     """
     hooks = hooks or LoopHooks()
     engine = engine or LocalEngine(objective, s)
 
     start, history, resumed_from = 0, [], None
     for step_no, path in reversed(list_checkpoints(checkpoint_dir)):
+        check_resume_config(path, config, allow_change=allow_config_change)
         try:
             start, history = load_checkpoint(path, engine)
         except Exception as e:  # an unreadable checkpoint: fall back to the one before it
@@ -301,7 +353,7 @@ def run_loop(
         if hooks.on_step is not None:
             hooks.on_step(done, metrics)
         if checkpoint_dir is not None and s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
-            path = save_checkpoint(checkpoint_dir, done, engine, history, is_main=is_main)
+            path = save_checkpoint(checkpoint_dir, done, engine, history, is_main=is_main, config=config)
             prune_checkpoints(checkpoint_dir, s.checkpoints_total_limit)
             if hooks.on_checkpoint is not None:
                 hooks.on_checkpoint(done, path)

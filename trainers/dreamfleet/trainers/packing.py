@@ -318,6 +318,7 @@ def train_packed(
     overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    allow_config_change: bool = False,
 ) -> list[TrainResult]:
     """Train several subjects' LoRA experts in one packed run; publish each at its ``out_dirs`` entry.
 
@@ -365,6 +366,8 @@ def train_packed(
         checkpoint_dir=pack_work / "checkpoints",
         hooks=LoopHooks(on_step=on_step, on_validation=on_validation),
         engine=PackedEngine(objective, settings),
+        config={p.subject.subject_id: to_dict(p.cfg) for p in prepared},
+        allow_config_change=allow_config_change,
     )
     wall = time.perf_counter() - t0
     ids = objective.subject_ids

@@ -451,7 +451,7 @@ def _train_leased(gc: GroupConfig, dist: DistContext, queue, registry, manifest,
         hooks = LoopHooks(on_step=tracker.on_step, on_validation=on_validation, on_checkpoint=on_checkpoint)
         try:
             result = run_loop(objective, settings, checkpoint_dir=ckpt_dir, hooks=hooks, engine=engine,
-                              is_main=dist.is_main)
+                              is_main=dist.is_main, config=to_dict(p.cfg))
             unet_state = engine.full_unet_state() if isinstance(engine, DeepSpeedEngine) else None
         except Exception as e:
             if dist.world_size > 1:

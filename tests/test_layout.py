@@ -46,18 +46,83 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-CONTROL_PLANE = ("dreamfleet.cli", "dreamfleet.control", "dreamfleet.dashboard")
+# Every package folder sits on a floor; a module imports only packages on lower floors (and its
+# own). The control plane is on top; core at the bottom never imports anything of dreamfleet's
+# above it (the toy model registers itself as an entry point: pyproject.toml).
+FLOORS = {
+    "core": 0,
+    "data": 1, "registry": 1,
+    "trainers": 2, "serving": 2,
+    "toy": 3,
+    "eval": 4,
+    "control": 5, "dashboard": 5,
+    "cli": 6,
+}
+SOURCES = [REPO / "platform" / "dreamfleet", REPO / "trainers" / "dreamfleet", REPO / "serving" / "dreamfleet"]
 
 
-def test_dependencies_point_one_way():
+def _modules() -> dict[str, Path]:
+    """dreamfleet.<package>.<module> -> file, for every module of the namespace package."""
+    out = {}
+    for root in SOURCES:
+        for path in root.rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            out[".".join(("dreamfleet", *parts)).removesuffix(".__init__")] = path
+    return out
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def upward_imports(floors: dict[str, int] = FLOORS) -> list[str]:
     bad = []
-    for layer in ("trainers", "serving"):
-        for path in (REPO / layer).rglob("*.py"):
-            bad += [f"{path.relative_to(REPO)} imports {m}" for m in _imports(path) if m.startswith(CONTROL_PLANE)]
-    for path in (REPO / "platform" / "dreamfleet" / "core").rglob("*.py"):
-        bad += [
-            f"{path.relative_to(REPO)} imports {m}"
-            for m in _imports(path)
-            if m.startswith(("dreamfleet.trainers", "dreamfleet.serving", *CONTROL_PLANE))
-        ]
-    assert not bad, "lower layers import upper layers:\n" + "\n".join(bad)
+    for name, path in _modules().items():
+        package = name.split(".")[1]
+        for m in _imports(path):
+            target = m.split(".")[1] if m.startswith("dreamfleet.") else None
+            if target and target != package and floors.get(target, 99) >= floors[package]:
+                bad.append(f"{_rel(path)} ({package}, floor {floors[package]}) imports {m} "
+                           f"({target}, floor {floors.get(target, '?')})")
+    return bad
+
+
+def test_every_package_folder_has_a_floor():
+    folders = {p.name for root in SOURCES for p in root.iterdir() if p.is_dir() and any(p.rglob("*.py"))}
+    assert folders == set(FLOORS), f"assign these to a floor in FLOORS: {sorted(folders ^ set(FLOORS))}"
+
+
+def test_no_upward_imports():
+    bad = upward_imports()
+    assert not bad, "imports that point up a floor:\n" + "\n".join(bad)
+
+
+def test_core_importing_toy_is_caught(tmp_path, monkeypatch):
+    """The check itself: core importing the toy world (as it once did) is reported."""
+    fake = tmp_path / "core" / "models_with_toy.py"
+    fake.parent.mkdir()
+    fake.write_text("from dreamfleet.toy.model import load_toy\n")
+    monkeypatch.setattr(sys.modules[__name__], "SOURCES", [tmp_path, *SOURCES])
+    assert any("core" in b and "dreamfleet.toy.model" in b for b in upward_imports())
+
+
+def test_no_import_cycles_between_modules():
+    """No two modules import each other, directly or through others (function-level imports count)."""
+    modules = _modules()
+    graph = {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(nxt):], node, nxt]) if nxt in stack else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, [*stack, node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from dreamfleet.toy.microbench import MicrobenchConfig, run_microbench, summarise
+from dreamfleet.eval.microbench import MicrobenchConfig, run_microbench, summarise
 
 FAST = MicrobenchConfig(
     subjects=["ball-halves"],
@@ -69,7 +69,7 @@ def test_eval_writes_table_and_grids(tmp_path):
     import argparse
 
     from dreamfleet.cli import eval as eval_cli
-    from dreamfleet.toy.microbench import microbench_train_config
+    from dreamfleet.eval.microbench import microbench_train_config
     from dreamfleet.toy.subjects import SUBJECTS, subject_images, write_subjects_manifest
     from dreamfleet.trainers.dreambooth import SubjectData, train_subject
 

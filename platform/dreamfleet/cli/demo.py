@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     from dreamfleet.control.orchestrator import FanoutConfig, connect_ray, run_fanout
     from dreamfleet.eval.evaluate import EvalConfig, write_table
+    from dreamfleet.eval.microbench import microbench_train_config
     from dreamfleet.registry import Registry
-    from dreamfleet.toy.microbench import microbench_train_config
 
     t0 = time.perf_counter()
     out: Path = args.out.resolve()

@@ -52,13 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model", default="toy")
     p.set_defaults(handler=run_microbench)
 
-    from dreamfleet.toy.apprentice_bench import ApprenticeBenchConfig
-
-    p = tsub.add_parser("apprentice", help="SuTI end to end on the toy world: experts, gather, apprentice, held-out eval")
-    p.add_argument("--out", required=True, type=Path, help="work folder (stages already there are skipped)")
-    C.add_arguments(p, ApprenticeBenchConfig, skip=("heldout_train",))
-    p.set_defaults(handler=run_apprentice_bench)
-
     p = tsub.add_parser("samples", help="a sample grid of a base model, one row per prompt")
     p.add_argument("--base-model", default="toy")
     p.add_argument("--out", required=True, type=Path, help="PNG to write")
@@ -109,13 +102,14 @@ def run_judge(args: argparse.Namespace) -> int:
     import json
 
     from dreamfleet.toy.judge import JUDGE_DIR, JudgeConfig, train_judge
+    from dreamfleet.toy.metrics import validate_judge
 
     c = JudgeConfig(seed=args.seed)
     if args.steps:
         c.steps = args.steps
     if args.pool_size:
         c.pool_size = args.pool_size
-    info = train_judge(args.out or JUDGE_DIR, c)
+    info = train_judge(args.out or JUDGE_DIR, c, validate=validate_judge)
     print(json.dumps(info["validation"], indent=1))
     print(f"judge written to {args.out or JUDGE_DIR} ({info['wall_time_s']} s)")
     return 0
@@ -124,7 +118,7 @@ def run_judge(args: argparse.Namespace) -> int:
 def run_microbench(args: argparse.Namespace) -> int:
     import json
 
-    from dreamfleet.toy.microbench import MicrobenchConfig, run_microbench, summarise
+    from dreamfleet.eval.microbench import MicrobenchConfig, run_microbench, summarise
 
     c = MicrobenchConfig(subjects=args.subjects.split(",") if args.subjects else [],
                          train={"steps": args.steps} if args.steps else {})
@@ -146,13 +140,3 @@ def run_samples(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_apprentice_bench(args: argparse.Namespace) -> int:
-    import json
-
-    from dreamfleet.toy.apprentice_bench import ApprenticeBenchConfig, run_apprentice_bench
-
-    c = C.from_dict(ApprenticeBenchConfig, C.overrides_from_args(ApprenticeBenchConfig, args))
-    summary = run_apprentice_bench(args.out, c)
-    print((args.out / "eval" / "results.md").read_text())
-    print(json.dumps(summary["time_to_first_image"], indent=1))
-    return 0

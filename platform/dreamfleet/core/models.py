@@ -192,15 +192,18 @@ def build_tiny_random() -> BaseModel:
     )
 
 
-def _load_toy() -> BaseModel:
-    # The toy world's pretrained model (dreamfleet.toy), imported only when asked for.
-    from dreamfleet.toy.model import load_toy
+# Named models of core itself; packages register theirs (the toy world's "toy") as entry
+# points in the "dreamfleet.models" group, so that core never imports them.
+BUILTIN_MODELS: dict[str, Callable[[], BaseModel]] = {"tiny-random": build_tiny_random}
+MODEL_ENTRY_POINTS = "dreamfleet.models"
 
-    return load_toy()
 
+def named_models() -> dict[str, Callable[[], BaseModel]]:
+    """Every named base model: core's own and those registered as entry points."""
+    from importlib.metadata import entry_points
 
-# Named built-in models; later components (the toy world) register theirs here.
-BUILTIN_MODELS: dict[str, Callable[[], BaseModel]] = {"tiny-random": build_tiny_random, "toy": _load_toy}
+    found = {ep.name: ep.load for ep in entry_points(group=MODEL_ENTRY_POINTS)}
+    return {**{name: (lambda load=load: load()()) for name, load in found.items()}, **BUILTIN_MODELS}
 
 
 # --------------------------------------------------------------------------- folders and hub
@@ -335,8 +338,9 @@ def _load_cached(spec: str) -> BaseModel:
 
 
 def _load(spec: str, dtype: torch.dtype | None = None) -> BaseModel:
-    if spec in BUILTIN_MODELS:
-        return BUILTIN_MODELS[spec]()
+    named = named_models()
+    if spec in named:
+        return named[spec]()
     path = Path(spec).expanduser()
     if path.exists():
         return load_folder(path, spec=str(path.resolve()), dtype=dtype)
@@ -344,7 +348,7 @@ def _load(spec: str, dtype: torch.dtype | None = None) -> BaseModel:
     if repo.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return load_folder(resolve_hub(repo, revision or None), spec=spec, dtype=dtype)
     raise ModelError(
-        f"base model {spec!r} not found: it is not a built-in model ({', '.join(BUILTIN_MODELS)}), "
+        f"base model {spec!r} not found: it is not a named model ({', '.join(named)}), "
         "not an existing folder, and not a hub id of the form org/name"
     )
 
@@ -357,8 +361,9 @@ def load_tokenizer(spec: str):
 
         return build_tiny_tokenizer()
     path = Path(spec).expanduser()
-    if not path.exists() and spec in BUILTIN_MODELS:
-        return BUILTIN_MODELS[spec]().tokenizer
+    named = {} if path.exists() else named_models()
+    if spec in named:
+        return named[spec]().tokenizer
     if not path.exists() and spec.count("/") == 1:
         repo, _, revision = spec.partition("@")
         path = resolve_hub(repo, revision or None)

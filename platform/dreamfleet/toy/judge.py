@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -189,8 +190,10 @@ class JudgeObjective:
         return loss, {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in losses.items()}}
 
 
-def train_judge(out: str | Path = JUDGE_DIR, c: JudgeConfig | None = None, *, overwrite: bool = True) -> dict:
-    """Train the judge on renders and write it (weights + judge.json with its validation) to ``out``."""
+def train_judge(out: str | Path = JUDGE_DIR, c: JudgeConfig | None = None, *,
+                validate: Callable[[ToyJudge], dict], overwrite: bool = True) -> dict:
+    """Train the judge on renders and write it (weights + judge.json with ``validate``'s
+    held-out report, e.g. ``dreamfleet.toy.metrics.validate_judge``) to ``out``."""
     from safetensors.torch import save_file
 
     from dreamfleet.trainers.loop import LoopSettings, run_loop
@@ -205,10 +208,7 @@ def train_judge(out: str | Path = JUDGE_DIR, c: JudgeConfig | None = None, *, ov
         progress=False, description="toy judge",
     ))
     net.eval()
-    judge = ToyJudge(net)
-    from dreamfleet.toy.metrics import validate_judge
-
-    report = validate_judge(judge)
+    report = validate(ToyJudge(net))
     info = {"config": asdict(c), "subjects": subject_labels(), "final_loss": result.final_loss,
             "steps": result.final_step, "wall_time_s": round(time.perf_counter() - t0, 1), "validation": report}
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:

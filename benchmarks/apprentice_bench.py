@@ -13,10 +13,16 @@ Stages (each skipped when its output exists, so an interrupted run continues):
    experts and the apprentice (zero-shot: the subject's photos as demonstrations); plus time
    to the first image (fine-tuning + generation for an expert; demonstration encoding +
    generation for the apprentice).
+
+It drives the control plane (fan-out, gather, apprentice training), so it lives here with the
+other benchmarks rather than in the package's toy world::
+
+    .venv/bin/python benchmarks/apprentice_bench.py --out runs/apprentice   # ~70 min on 2 CPU cores
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -63,7 +69,7 @@ def run_apprentice_bench(out: str | Path, c: ApprenticeBenchConfig | None = None
     from dreamfleet.control.orchestrator import FanoutConfig, run_fanout
     from dreamfleet.core.artifacts import write_json
     from dreamfleet.data.demos import filter_demo_set
-    from dreamfleet.toy.microbench import microbench_train_config
+    from dreamfleet.eval.microbench import microbench_train_config
     from dreamfleet.toy.subjects import SUBJECTS, procedural_subjects, write_subjects_manifest
     from dreamfleet.trainers.apprentice import ApprenticeConfig
     from dreamfleet.trainers.config import TrainConfig
@@ -196,3 +202,22 @@ def evaluate_heldout(out: Path, held_m: Path, held_reg: Path, app_dirs: dict[str
                "speedup": round(expert_total / med["apprentice_first_image_s"], 1),
                "speedup_including_load": round(expert_total / (med["apprentice_first_image_s"] + app_load_s), 1)}
     return rows, summary
+
+
+def main() -> int:
+    from dreamfleet.core import config as C
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="work folder (stages already there are skipped)")
+    C.add_arguments(p, ApprenticeBenchConfig, skip=("heldout_train",))
+    args = p.parse_args()
+    c = C.from_dict(ApprenticeBenchConfig, C.overrides_from_args(ApprenticeBenchConfig, args))
+    summary = run_apprentice_bench(args.out, c)
+    print((args.out / "eval" / "results.md").read_text())
+    print(json.dumps(summary["time_to_first_image"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

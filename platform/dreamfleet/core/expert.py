@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dreamfleet.core.artifacts import read_json
 from dreamfleet.core.errors import DataError
@@ -22,6 +22,24 @@ from dreamfleet.core.errors import DataError
 EXPERT_SCHEMA_VERSION = 1
 EXPERT_FILE = "expert.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+class ExpertKey(NamedTuple):
+    """One published expert: a subject and one of its registry versions. Its ``str`` form,
+    ``subject@version``, is the Ray Serve multiplexed model id (subject ids hold no ``@``)."""
+
+    subject_id: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.subject_id}@{self.version}"
+
+    @classmethod
+    def parse(cls, model_id: str) -> ExpertKey:
+        subject_id, sep, version = model_id.rpartition("@")
+        if not (sep and subject_id and version):
+            raise ValueError(f"{model_id!r} is not an expert key of the form subject@version")
+        return cls(subject_id, version)
 
 
 @dataclass

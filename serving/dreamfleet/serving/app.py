@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 from dreamfleet.core.config import from_dict, to_dict
+from dreamfleet.core.expert import ExpertKey
 from dreamfleet.serving.config import ServeConfig
 
 log = logging.getLogger("dreamfleet.serving")
@@ -91,14 +92,13 @@ def build_app(cfg: ServeConfig):
 
         @serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)
         async def get_model(self, model_id: str) -> _Loaded:
-            subject_id, version = model_id.rsplit("@", 1)
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.load, subject_id, version)
-            return _Loaded(self.engine, subject_id, version)
+            key = ExpertKey.parse(model_id)
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.load, *key)
+            return _Loaded(self.engine, *key)
 
         async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
             model_id = serve.get_multiplexed_model_id()
-            subject_id, version = model_id.rsplit("@", 1)
-            key = (subject_id, version)
+            key = ExpertKey.parse(model_id)
             cache = "hit" if key in self.engine.active else ("host" if key in self.engine.host else "disk")
             await self.get_model(model_id)
             images = await self._batched({**item, "model_id": model_id})
@@ -115,10 +115,10 @@ def build_app(cfg: ServeConfig):
                 by_model.setdefault(it["model_id"], []).append(i)
             loop = asyncio.get_running_loop()
             for model_id, idx in by_model.items():
-                subject_id, version = model_id.rsplit("@", 1)
+                key = ExpertKey.parse(model_id)
                 gen_items = [GenItem(**{k: v for k, v in items[i].items() if k != "model_id"}) for i in idx]
                 try:
-                    images = await loop.run_in_executor(None, self.engine.generate, subject_id, version, gen_items)
+                    images = await loop.run_in_executor(None, self.engine.generate, *key, gen_items)
                     for i, imgs in zip(idx, images, strict=True):
                         results[i] = [_png_b64(im) for im in imgs]
                 except Exception as e:  # one expert's failure does not fail the others in the batch
@@ -238,12 +238,13 @@ def build_app(cfg: ServeConfig):
                 raise not_found
             return info, v
 
-        def _check_prompt(self, info, prompt: str) -> None:
+        def _check_prompt(self, base_spec: str, prompt: str) -> None:
+            """422 for a prompt longer than the base model's text encoder takes."""
             from fastapi import HTTPException
 
             from dreamfleet.core.models import load_tokenizer
 
-            tok = load_tokenizer(info.base_model["spec"])
+            tok = load_tokenizer(base_spec)
             n = len(tok(prompt).input_ids)
             if n > tok.model_max_length:
                 raise HTTPException(422, detail=[{"loc": ["body", "prompt"], "type": "too_long",
@@ -254,7 +255,7 @@ def build_app(cfg: ServeConfig):
             item = {"prompt": prompt, "num_images": n, "steps": steps, "guidance_scale": guidance,
                     "seed": seed, "width": width, "height": height}
             try:
-                handle = self.model.options(multiplexed_model_id=f"{info.subject_id}@{version}")
+                handle = self.model.options(multiplexed_model_id=str(ExpertKey(info.subject_id, version)))
                 reply = await handle.generate.remote(item)
                 images = reply["images"]
                 if isinstance(images, Exception):
@@ -308,7 +309,6 @@ def build_app(cfg: ServeConfig):
             from fastapi import HTTPException
 
             from dreamfleet.core.apprentice import fill_prompt
-            from dreamfleet.core.models import load_tokenizer
 
             if self.apprentice is None:
                 raise HTTPException(422, detail=[{"loc": ["body", "demonstrations"], "type": "no_apprentice",
@@ -317,11 +317,7 @@ def build_app(cfg: ServeConfig):
             info = self.apprentice_info
             demos = self._demonstrations(body)
             prompt = fill_prompt(body.prompt, info.identifier, body.class_noun)
-            tok = load_tokenizer(info.base_model["spec"])
-            n = len(tok(prompt).input_ids)
-            if n > tok.model_max_length:
-                raise HTTPException(422, detail=[{"loc": ["body", "prompt"], "type": "too_long",
-                                                  "msg": f"prompt is {n} tokens, over the limit of {tok.model_max_length}"}])
+            self._check_prompt(info.base_model["spec"], prompt)
             width, height = self._size(info, body.width, body.height)
             seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
             rid = uuid.uuid4().hex[:16]
@@ -350,7 +346,7 @@ def build_app(cfg: ServeConfig):
                 return await self._generate_zero_shot(body, t0)  # any valid key: no tenant's data
             info, version = self._resolve(caller, body.subject, body.version)
             prompt = info.prompt(body.prompt)
-            self._check_prompt(info, prompt)
+            self._check_prompt(info.base_model["spec"], prompt)
             width, height = self._size(info, body.width, body.height)
             seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
             images, rid, error = await self._run(info, version, prompt, body.num_images, body.steps,
@@ -368,11 +364,11 @@ def build_app(cfg: ServeConfig):
             caller = self._caller(authorization)
             info, version = self._resolve(caller, body.model, None, field="model")
             prompt = info.prompt(body.prompt)
-            self._check_prompt(info, prompt)
+            self._check_prompt(info.base_model["spec"], prompt)
             width, height = self._size(info, *(int(x) for x in body.size.split("x"))) if body.size else self._size(info, None, None)
             seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
             images, _rid, error = await self._run(info, version, prompt, body.n, body.steps or self.cfg.default_steps,
-                                                 7.5, seed, width, height, "openai")
+                                                 self.cfg.default_guidance_scale, seed, width, height, "openai")
             if error is not None:
                 return error
             self.metrics.observe("openai", time.perf_counter() - t0)

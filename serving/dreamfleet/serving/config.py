@@ -31,6 +31,7 @@ class ServeConfig:
     max_demo_bytes: int = cfg(1_000_000, "largest demonstration image (decoded base64 bytes)")
     max_demo_side: int = cfg(2048, "largest demonstration width/height in px")
     default_steps: int = cfg(25, "steps when a request does not say")
+    default_guidance_scale: float = cfg(7.5, "classifier-free guidance when a request does not say")
     registry_ttl_s: float = cfg(2.0, "how long registry reads are cached; new experts appear within this")
 
     def __post_init__(self) -> None:

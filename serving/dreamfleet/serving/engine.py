@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dreamfleet.core.expert import ExpertInfo, ExpertWeights, expert_pipeline, read_expert
+from dreamfleet.core.expert import ExpertInfo, ExpertKey, ExpertWeights, expert_pipeline, read_expert
 from dreamfleet.core.models import BaseModel, load_base
 
 log = logging.getLogger("dreamfleet")
@@ -167,7 +167,7 @@ class ExpertEngine:
 
     def loaded(self) -> list[str]:
         with self.lock:
-            return [f"{s}@{v}" for s, v in self.active]
+            return [str(ExpertKey(s, v)) for s, v in self.active]
 
     # ------------------------------------------------------------------ generation
 

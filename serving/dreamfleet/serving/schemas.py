@@ -28,7 +28,7 @@ def request_models(cfg: ServeConfig):
                             description="'{subject}' or '[V]' is replaced by the expert's identifier and class noun")
         num_images: int = Field(1, ge=1, le=cfg.max_images)
         steps: int = Field(cfg.default_steps, ge=1, le=cfg.max_steps)
-        guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
+        guidance_scale: float = Field(cfg.default_guidance_scale, ge=0.0, le=30.0)
         seed: int | None = Field(None, ge=0, le=2**32 - 1)
         width: int | None = Field(None, ge=cfg.min_side, le=cfg.max_side)
         height: int | None = Field(None, ge=cfg.min_side, le=cfg.max_side)

@@ -52,7 +52,8 @@ def main() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     from helpers import fast_config
 
-    from dreamfleet.control.orchestrator import FanoutConfig, connect_ray, run_fanout
+    from dreamfleet.control.cluster import connect_ray
+    from dreamfleet.control.orchestrator import FanoutConfig, run_fanout
     from dreamfleet.registry import Registry
 
     root = Path(tempfile.mkdtemp(prefix="dreamfleet-bench-"))

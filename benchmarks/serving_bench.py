@@ -51,7 +51,7 @@ def main() -> None:
     from helpers import fast_config, picture
     from ray import serve
 
-    from dreamfleet.control.orchestrator import connect_ray
+    from dreamfleet.control.cluster import connect_ray
     from dreamfleet.core.expert import ExpertInfo
     from dreamfleet.core.models import load_base
     from dreamfleet.registry import Registry

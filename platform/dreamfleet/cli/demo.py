@@ -74,7 +74,8 @@ def _write_manifest(args: argparse.Namespace, folder: Path) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from dreamfleet.control.orchestrator import FanoutConfig, connect_ray, run_fanout
+    from dreamfleet.control.cluster import connect_ray
+    from dreamfleet.control.orchestrator import FanoutConfig, run_fanout
     from dreamfleet.eval.evaluate import EvalConfig, write_table
     from dreamfleet.eval.microbench import microbench_train_config
     from dreamfleet.registry import Registry

@@ -102,7 +102,7 @@ def start(cfg, *, address: str | None = None, detach: bool = True):
     import ray
     from ray import serve
 
-    from dreamfleet.control.orchestrator import connect_ray
+    from dreamfleet.control.cluster import connect_ray
     from dreamfleet.serving.app import build_app
 
     if not ray.is_initialized():

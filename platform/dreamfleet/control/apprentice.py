@@ -45,11 +45,11 @@ class ApprenticeRuntime:
 
 def train(demo_set: str | Path, base_model: str, train_config, out: str | Path, rt: ApprenticeRuntime | None = None,
           *, overwrite: bool = False) -> ApprenticeInfo:
-    from dreamfleet.control.orchestrator import _absolute, connect_ray
+    from dreamfleet.control.cluster import absolute, connect_ray, worker_group
     from dreamfleet.core.apprentice import APPRENTICE_FILE
 
     rt = rt or ApprenticeRuntime()
-    out = Path(_absolute(str(out)))
+    out = Path(absolute(str(out)))
     if (out / APPRENTICE_FILE).is_file() and not overwrite:
         raise ConfigError(f"{out} already holds an apprentice; pass --overwrite or choose another --out")
     if rt.local:
@@ -57,26 +57,15 @@ def train(demo_set: str | Path, base_model: str, train_config, out: str | Path, 
 
         return train_apprentice(demo_set, base_model, train_config, out, overwrite=overwrite)
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from dreamfleet.trainers.runtime import ApprenticeRunConfig, apprentice_worker
 
     connect_ray(rt.address)
-    rc = ApprenticeRunConfig(demo_set=_absolute(str(demo_set)), base_model=base_model, out=str(out),
+    rc = ApprenticeRunConfig(demo_set=absolute(str(demo_set)), base_model=base_model, out=str(out),
                              train_config=to_dict(train_config), zero_stage=rt.zero_stage, offload=rt.offload)
-    resources = {"CPU": rt.cpus_per_worker, **({"GPU": rt.gpus_per_worker} if rt.gpus_per_worker else {})}
-    storage = rt.storage or str(out.parent / f".{out.name}.ray")
     t0 = time.perf_counter()
-    trainer = TorchTrainer(
-        apprentice_worker,
-        train_loop_config=dataclasses.asdict(rc),
-        scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=rt.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=f"apprentice-{uuid.uuid4().hex[:6]}", storage_path=_absolute(storage),
-                             failure_config=FailureConfig(max_failures=rt.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    trainer = worker_group(apprentice_worker, dataclasses.asdict(rc), name=f"apprentice-{uuid.uuid4().hex[:6]}",
+                           workers=rt.workers, cpus_per_worker=rt.cpus_per_worker, gpus_per_worker=rt.gpus_per_worker,
+                           storage=rt.storage or str(out.parent / f".{out.name}.ray"), max_failures=rt.max_failures)
     trainer.fit()
     info = ApprenticeInfo.read(out)
     log.info("apprentice trained on Ray in %.0f s (%d worker(s)): %s", time.perf_counter() - t0, rt.workers, out)

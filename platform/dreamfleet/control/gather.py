@@ -203,7 +203,7 @@ def gather(registry_uri: str, out: str | Path, c: GatherConfig | None = None, *,
     import ray
     from PIL import Image
 
-    from dreamfleet.control.orchestrator import _absolute, connect_ray
+    from dreamfleet.control.cluster import absolute, connect_ray
     from dreamfleet.core.artifacts import write_json
     from dreamfleet.core.version import code_version
     from dreamfleet.data.demos import GATHER_FILE, TRIPLES_FILE, DemoSubject, Target, write_demo_set
@@ -214,7 +214,7 @@ def gather(registry_uri: str, out: str | Path, c: GatherConfig | None = None, *,
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
-    registry_uri = _absolute(registry_uri)
+    registry_uri = absolute(registry_uri)
     registry = Registry(registry_uri, create=False)
     wanted = c.subjects or registry.subjects()
     items = []

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dreamfleet.control.cluster import NAMESPACE, absolute, connect_ray, worker_group
 from dreamfleet.core.config import cfg, to_dict
 from dreamfleet.core.errors import ConfigError, DataError
 from dreamfleet.core.version import code_version
@@ -26,7 +27,6 @@ from dreamfleet.registry.store import now
 from dreamfleet.trainers.config import TrainConfig
 
 log = logging.getLogger("dreamfleet")
-NAMESPACE = "dreamfleet"
 
 
 @dataclass
@@ -71,26 +71,6 @@ class RunSummary:
     skipped: list[str]
     wall_time_s: float
     class_images_generated: int
-
-
-def connect_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
-    """Connect to a cluster, or start an embedded one. Returns True if this call started Ray."""
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    env: dict | None = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        env = None  # a Ray Job's driver: the job's runtime env (set by `dreamfleet submit`) applies
-    if address:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False)
-    else:
-        # address="local": always a new embedded instance, never a stale `ray start` cluster
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
-                 runtime_env=env, log_to_driver=False, configure_logging=False)
-    return True
 
 
 def select_subjects(manifest, subjects: list[str] | None) -> list[str]:
@@ -138,9 +118,8 @@ def run_fanout(
     from dreamfleet.registry import Registry
 
     t0 = time.perf_counter()
-    # Workers run in other processes and on other nodes: never hand them a relative path.
-    manifest_uri = _absolute(manifest_uri)
-    registry_uri = _absolute(registry_uri)
+    manifest_uri = absolute(manifest_uri)
+    registry_uri = absolute(registry_uri)
     manifest = Manifest.open(manifest_uri)
     chosen = select_subjects(manifest, subjects)
     registry = Registry(registry_uri)
@@ -185,14 +164,8 @@ def run_fanout(
     return summary
 
 
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
-
-
 def _run_groups(manifest_uri, registry, base_model, train_cfg, fan: FanoutConfig, todo, run_id, class_cache, progress):
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from dreamfleet.control.queue import SubjectQueue
     from dreamfleet.trainers.runtime import GroupConfig, fanout_worker
@@ -202,7 +175,6 @@ def _run_groups(manifest_uri, registry, base_model, train_cfg, fan: FanoutConfig
         registry.uri, todo, fan.max_retries
     )
     n_groups = min(fan.max_concurrent, len(todo))
-    resources = {"CPU": fan.cpus_per_worker, **({"GPU": fan.gpus_per_worker} if fan.gpus_per_worker else {})}
     max_failures = (fan.max_retries + 1) * len(todo)
 
     def run_group(group: int) -> None:
@@ -211,17 +183,10 @@ def _run_groups(manifest_uri, registry, base_model, train_cfg, fan: FanoutConfig
             registry=registry.uri, base_model=base_model, train_config=to_dict(train_cfg),
             zero_stage=fan.zero_stage, offload=fan.offload, class_cache=class_cache, pack=fan.pack,
         )
-        trainer = TorchTrainer(
-            fanout_worker,
-            train_loop_config=dataclasses.asdict(gc),
-            scaling_config=ScalingConfig(num_workers=fan.workers_per_subject, use_gpu=fan.gpus_per_worker > 0,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(
-                name=f"{run_id}-g{group}-{uuid.uuid4().hex[:4]}",
-                storage_path=registry.checkpoint_storage,
-                failure_config=FailureConfig(max_failures=max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
+        trainer = worker_group(
+            fanout_worker, dataclasses.asdict(gc), name=f"{run_id}-g{group}-{uuid.uuid4().hex[:4]}",
+            workers=fan.workers_per_subject, cpus_per_worker=fan.cpus_per_worker,
+            gpus_per_worker=fan.gpus_per_worker, storage=registry.checkpoint_storage, max_failures=max_failures,
         )
         try:
             trainer.fit()

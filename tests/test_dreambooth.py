@@ -124,17 +124,21 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, cache):
     assert not work_dir_for(tmp_path / "b").exists()  # cleaned after publishing
 
 
-def test_resume_with_another_config_is_refused_naming_both_values(tmp_path, cache):
-    """The resolved config is in every checkpoint: a resume that changes what is trained is
-    refused, naming each field with the checkpoint's value and the new one."""
-    cfg = fast_config(steps=8, checkpoint_every=4, learning_rate=1e-2)
+def interrupt(out, cache, cfg, after: int) -> None:
+    """train_subject crashed after step ``after``: its checkpoints stay in the work folder."""
 
     def crash(step, metrics):
-        if step == 5:
+        if step == after:
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_subject(subject(), "tiny-random", cfg, tmp_path / "b", class_cache=cache, progress=False, on_step=crash)
+        train_subject(subject(), "tiny-random", cfg, out, class_cache=cache, progress=False, on_step=crash)
+
+
+def test_resume_with_another_config_is_refused_naming_both_values(tmp_path, cache):
+    """The resolved config is in every checkpoint: a resume that changes what is trained is
+    refused, naming each field with the checkpoint's value and the new one."""
+    interrupt(tmp_path / "b", cache, fast_config(steps=8, checkpoint_every=4, learning_rate=1e-2), after=5)
     state = json.loads((work_dir_for(tmp_path / "b") / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["config"]["steps"] == 8 and state["config"]["resolution"] == 32  # resolved, not the recipe
     changed = fast_config(steps=12, checkpoint_every=4, learning_rate=2e-2)
@@ -150,14 +154,7 @@ def test_resume_with_another_config_is_refused_naming_both_values(tmp_path, cach
 
 
 def test_allow_config_change_resumes_anyway(tmp_path, cache):
-    cfg = fast_config(steps=8, checkpoint_every=4, learning_rate=1e-2)
-
-    def crash(step, metrics):
-        if step == 5:
-            raise RuntimeError("simulated crash")
-
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train_subject(subject(), "tiny-random", cfg, tmp_path / "b", class_cache=cache, progress=False, on_step=crash)
+    interrupt(tmp_path / "b", cache, fast_config(steps=8, checkpoint_every=4, learning_rate=1e-2), after=5)
     r = train_subject(subject(), "tiny-random", fast_config(steps=10, checkpoint_every=4, learning_rate=1e-2),
                       tmp_path / "b", class_cache=cache, progress=False, allow_config_change=True)
     assert r.loop.resumed_from == 4 and r.loop.final_step == 10

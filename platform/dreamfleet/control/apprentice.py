@@ -57,7 +57,7 @@ def train(demo_set: str | Path, base_model: str, train_config, out: str | Path, 
 
         return train_apprentice(demo_set, base_model, train_config, out, overwrite=overwrite)
 
-    from dreamfleet.trainers.runtime import ApprenticeRunConfig, apprentice_worker
+    from dreamfleet.trainers.apprentice_worker import ApprenticeRunConfig, apprentice_worker
 
     connect_ray(rt.address)
     rc = ApprenticeRunConfig(demo_set=absolute(str(demo_set)), base_model=base_model, out=str(out),

@@ -87,7 +87,7 @@ def check_subject_configs(manifest, manifest_uri: str, subjects: list[str], trai
     """Every subject's config (the run's, with the manifest's per-subject overrides) built and
     validated on the driver, before Ray starts or anything is written: a bad override fails
     the submission, naming each subject and field, instead of a worker later."""
-    from dreamfleet.trainers.runtime import subject_config
+    from dreamfleet.trainers.config import subject_config
 
     problems = []
     for sid in subjects:
@@ -276,7 +276,7 @@ def pregenerate_class_images(manifest, subjects, base_model, train_cfg: TrainCon
 
     from dreamfleet.core.models import load_base
     from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
-    from dreamfleet.trainers.runtime import subject_config
+    from dreamfleet.trainers.config import subject_config
 
     base = load_base(base_model, fresh=False)
     cache = ClassImageCache(cache_root)

@@ -35,6 +35,23 @@ def _png_b64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _replica_setup(cfg_dict: dict[str, Any]) -> tuple[ServeConfig, str]:
+    """A model replica's config and id. Ray starts actors with OMP_NUM_THREADS=1 (or their CPU
+    reservation): torch gets the CPUs this replica may use, else CPU generation runs on one core."""
+    import os
+
+    import torch
+    from ray import serve
+
+    c = from_dict(ServeConfig, cfg_dict)
+    torch.set_num_threads(max(1, int(c.cpus_per_replica) or os.cpu_count() or 1))
+    try:
+        replica = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (a direct call in a test)
+        replica = uuid.uuid4().hex[:8]
+    return c, replica
+
+
 class _Loaded:
     """What the multiplexing LRU holds; eviction unloads the expert from the device."""
 
@@ -74,21 +91,10 @@ def build_app(cfg: ServeConfig):
     )
     class ExpertModel:
         def __init__(self, cfg_dict: dict[str, Any]):
-            import os
-
-            import torch
-
             from dreamfleet.serving.engine import ExpertEngine
 
-            self.cfg = from_dict(ServeConfig, cfg_dict)
-            # Ray starts actors with OMP_NUM_THREADS=1 (or their CPU reservation): give torch the
-            # CPUs this replica may use, else CPU generation runs on one core.
-            torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica) or os.cpu_count() or 1))
+            self.cfg, self.replica = _replica_setup(cfg_dict)
             self.engine = ExpertEngine(self.cfg.registry, host_cache_size=self.cfg.host_cache_size)
-            try:
-                self.replica = serve.get_replica_context().replica_id.unique_id
-            except Exception:
-                self.replica = uuid.uuid4().hex[:8]
 
         @serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)
         async def get_model(self, model_id: str) -> _Loaded:
@@ -138,19 +144,10 @@ def build_app(cfg: ServeConfig):
         """The zero-shot apprentice: requests with demonstrations instead of a subject."""
 
         def __init__(self, cfg_dict: dict[str, Any]):
-            import os
-
-            import torch
-
             from dreamfleet.serving.apprentice import ApprenticeEngine
 
-            self.cfg = from_dict(ServeConfig, cfg_dict)
-            torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica) or os.cpu_count() or 1))
+            self.cfg, self.replica = _replica_setup(cfg_dict)
             self.engine = ApprenticeEngine(self.cfg.apprentice)
-            try:
-                self.replica = serve.get_replica_context().replica_id.unique_id
-            except Exception:
-                self.replica = uuid.uuid4().hex[:8]
 
         async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
             from dreamfleet.serving.apprentice import png_bytes

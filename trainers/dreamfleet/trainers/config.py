@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from dreamfleet.core.config import cfg
+from dreamfleet.core.config import cfg, from_dict
 from dreamfleet.core.errors import ConfigError
 
 # diffusers' DreamBooth examples: full fine-tuning at 5e-6, LoRA at 1e-4.
@@ -87,3 +87,15 @@ class TrainConfig:
             class_prompt=self.class_prompt or "a {class_noun}",
             instance_prompt=self.instance_prompt or "a {identifier} {class_noun}",
         )
+
+
+def subject_config(base_cfg: dict[str, Any], record) -> TrainConfig:
+    """The run's TrainConfig with a manifest record's per-subject overrides applied
+    (its ``train_overrides``, then its ``steps``, ``learning_rate`` and ``method`` columns, which win)."""
+    data = dict(base_cfg)
+    data.update(getattr(record, "train_overrides", None) or {})
+    for name in ("steps", "learning_rate", "method"):
+        value = getattr(record, name, None)
+        if value is not None:
+            data[name] = value
+    return from_dict(TrainConfig, data, where=f"subject {record.subject_id!r}")

@@ -386,6 +386,15 @@ def loop_settings(cfg: TrainConfig, p: PreparedSubject, *, progress: bool = True
     )
 
 
+def save_validation_grid(p: PreparedSubject, work: Path, step: int, *, write: bool = True) -> None:
+    """The validation images at ``step`` as one grid (a row per prompt) in ``work/validation``.
+    Every rank renders them (under ZeRO-3 forward passes are collective); ``write`` ranks save."""
+    images = validation_images(p)
+    if write:
+        grid = image_grid(images, rows=len(p.cfg.validation_prompts), cols=p.cfg.num_validation_images)
+        grid.save(work / "validation" / f"step-{step:08d}.png")
+
+
 @torch.no_grad()
 def validation_images(p: PreparedSubject, prompts: list[str] | None = None, *, seed: int | None = None) -> list[Image.Image]:
     """Images of the current (partly trained) model, one row of ``num_validation_images`` per prompt."""
@@ -447,12 +456,7 @@ def train_subject(
     work = work_dir_for(out_dir)
     (work / "validation").mkdir(parents=True, exist_ok=True)
 
-    def on_validation(step: int) -> None:
-        images = validation_images(p)
-        grid = image_grid(images, rows=len(p.cfg.validation_prompts), cols=p.cfg.num_validation_images)
-        grid.save(work / "validation" / f"step-{step:08d}.png")
-
-    hooks = LoopHooks(on_step=on_step, on_validation=on_validation)
+    hooks = LoopHooks(on_step=on_step, on_validation=lambda step: save_validation_grid(p, work, step))
     result = run_loop(objective, loop_settings(p.cfg, p, progress=progress), checkpoint_dir=work / "checkpoints",
                       hooks=hooks, config=to_dict(p.cfg), allow_config_change=allow_config_change)
     info = publish_expert(p, result, out_dir, work, wall_time_s=time.perf_counter() - t0, overwrite=overwrite)

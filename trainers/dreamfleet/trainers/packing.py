@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from dreamfleet.core.config import to_dict
 from dreamfleet.core.errors import ConfigError
 from dreamfleet.core.expert import EXPERT_FILE
-from dreamfleet.core.images import image_grid
 from dreamfleet.core.models import BaseModel, load_base
 from dreamfleet.trainers.class_images import ClassImageCache
 from dreamfleet.trainers.config import TrainConfig
@@ -42,8 +41,8 @@ from dreamfleet.trainers.dreambooth import (
     place_module,
     prepare_subject,
     publish_expert,
+    save_validation_grid,
     setup_frozen,
-    validation_images,
     work_dir_for,
 )
 from dreamfleet.trainers.loop import LocalEngine, LoopHooks, LoopResult, LoopSettings, run_loop
@@ -308,6 +307,13 @@ def pack_work_dir(out_dirs: Sequence[Path]) -> Path:
 # --------------------------------------------------------------------------- the trainer
 
 
+def save_packed_validation(packed, prepared: Sequence[PreparedSubject], works: Sequence[Path], step: int) -> None:
+    """Each packed subject's validation grid at ``step``, its adapter selected in turn."""
+    for i, (p, work) in enumerate(zip(prepared, works, strict=True)):
+        packed.select(i)
+        save_validation_grid(p, work, step)
+
+
 def train_packed(
     subjects: Sequence[SubjectData],
     base: BaseModel | str,
@@ -353,11 +359,7 @@ def train_packed(
         (work / "validation").mkdir(parents=True, exist_ok=True)
 
     def on_validation(step: int) -> None:
-        for i, (p, work) in enumerate(zip(prepared, works, strict=True)):
-            packed.select(i)
-            images = validation_images(p)
-            grid = image_grid(images, rows=len(p.cfg.validation_prompts), cols=p.cfg.num_validation_images)
-            grid.save(work / "validation" / f"step-{step:08d}.png")
+        save_packed_validation(packed, prepared, works, step)
 
     pack_work = pack_work_dir(out_dirs)
     result = run_loop(

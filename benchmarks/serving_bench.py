@@ -59,7 +59,8 @@ def main() -> None:
     from dreamfleet.serving.config import ServeConfig
     from dreamfleet.serving.engine import ExpertEngine, GenItem
     from dreamfleet.trainers.class_images import ClassImageCache
-    from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.fit import train_subject
 
     root = Path(tempfile.mkdtemp(prefix="dreamfleet-serve-bench-"))
     reg = Registry(root / "reg")

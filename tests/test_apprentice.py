@@ -27,7 +27,8 @@ from dreamfleet.trainers.apprentice import (
     train_apprentice,
 )
 from dreamfleet.trainers.class_images import ClassImageCache
-from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+from dreamfleet.trainers.dreambooth import SubjectData
+from dreamfleet.trainers.fit import train_subject
 
 
 def png_b64(img: Image.Image) -> str:

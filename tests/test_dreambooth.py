@@ -15,7 +15,8 @@ from dreamfleet.core.errors import ConfigError
 from dreamfleet.core.expert import ExpertInfo
 from dreamfleet.core.models import load_base
 from dreamfleet.trainers.class_images import ClassImageCache
-from dreamfleet.trainers.dreambooth import SubjectData, train_subject, work_dir_for
+from dreamfleet.trainers.dreambooth import SubjectData, work_dir_for
+from dreamfleet.trainers.fit import train_subject
 
 
 def subject(name="dog1", cls="dog", seed=0, n=4, **kw):

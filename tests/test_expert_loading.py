@@ -18,7 +18,8 @@ from dreamfleet.core.expert import ExpertInfo, open_expert, read_expert
 from dreamfleet.core.models import load_base
 from dreamfleet.registry import Registry
 from dreamfleet.trainers.class_images import ClassImageCache
-from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+from dreamfleet.trainers.dreambooth import SubjectData
+from dreamfleet.trainers.fit import train_subject
 
 
 @pytest.fixture(scope="module")

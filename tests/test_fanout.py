@@ -185,7 +185,8 @@ def test_two_orchestrators_on_one_registry(manifest, tmp_path):
 def _solo_in_process(manifest: str, sid: str, train_cfg, class_cache: Path, out: Path, threads: int):
     """What train-subject publishes for one manifest subject, at the given torch thread count."""
     from dreamfleet.trainers.class_images import ClassImageCache
-    from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.fit import train_subject
 
     m = Manifest.open(manifest)
     rec = m.record(sid)

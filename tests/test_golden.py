@@ -18,7 +18,8 @@ from helpers import assert_within_noise, curve_gap, curve_spread, fast_config, p
 from dreamfleet.registry import Registry
 from dreamfleet.serving.engine import ExpertEngine, GenItem
 from dreamfleet.trainers.class_images import ClassImageCache
-from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+from dreamfleet.trainers.dreambooth import SubjectData
+from dreamfleet.trainers.fit import train_subject
 
 STEPS = 10
 GOLDEN_LOSSES = {

@@ -31,9 +31,10 @@ from dreamfleet.core.errors import ConfigError
 from dreamfleet.core.expert import ExpertInfo
 from dreamfleet.core.models import load_base
 from dreamfleet.trainers.class_images import ClassImageCache
-from dreamfleet.trainers.dreambooth import SubjectData, prepare_subject, train_subject
+from dreamfleet.trainers.dreambooth import SubjectData, prepare_subject
+from dreamfleet.trainers.fit import train_packed, train_subject
 from dreamfleet.trainers.lora import UNET_TARGETS, add_lora, initial_lora
-from dreamfleet.trainers.packing import PackedLoRA, check_packable, pack_work_dir, train_packed
+from dreamfleet.trainers.packing import PackedLoRA, check_packable, pack_work_dir
 
 STEPS, LR = 6, 1e-2
 SEEDS = [0, 1, 0]  # two subjects share a seed (and so their initial adapter), as in a fleet on defaults

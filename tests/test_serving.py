@@ -22,7 +22,8 @@ from dreamfleet.registry import Registry
 from dreamfleet.serving.auth import KeyStore
 from dreamfleet.serving.config import ServeConfig
 from dreamfleet.trainers.class_images import ClassImageCache
-from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+from dreamfleet.trainers.dreambooth import SubjectData
+from dreamfleet.trainers.fit import train_subject
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 GEN = {"steps": 3, "seed": 7, "width": 64, "height": 64}

@@ -71,7 +71,8 @@ def test_eval_writes_table_and_grids(tmp_path):
     from dreamfleet.cli import eval as eval_cli
     from dreamfleet.eval.microbench import microbench_train_config
     from dreamfleet.toy.subjects import SUBJECTS, subject_images, write_subjects_manifest
-    from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.fit import train_subject
 
     write_subjects_manifest(tmp_path / "manifest", images_per_subject=4)
     s = SUBJECTS[3]

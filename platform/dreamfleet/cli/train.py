@@ -51,7 +51,8 @@ def resolve_train_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from dreamfleet.core.images import load_subject_images
     from dreamfleet.trainers.class_images import ClassImageCache
-    from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.fit import train_subject
 
     cfg = resolve_train_config(args)
     images = load_subject_images(args.images, skip_bad=args.skip_bad_images)

@@ -64,7 +64,8 @@ def run_microbench(out: str | Path, c: MicrobenchConfig | None = None, *, base_s
     from dreamfleet.data.manifest import Manifest
     from dreamfleet.toy.subjects import SUBJECTS, write_subjects_manifest
     from dreamfleet.trainers.class_images import ClassImageCache
-    from dreamfleet.trainers.dreambooth import SubjectData, train_subject
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.fit import train_subject
 
     c = c or MicrobenchConfig()
     out = Path(out)

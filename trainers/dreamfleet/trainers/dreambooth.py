@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from dreamfleet.core.models import BaseModel, load_base
 from dreamfleet.core.version import code_version
 from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
 from dreamfleet.trainers.config import TrainConfig
-from dreamfleet.trainers.loop import LoopHooks, LoopResult, LoopSettings, run_loop, step_generator
+from dreamfleet.trainers.loop import LoopResult, LoopSettings, step_generator
 from dreamfleet.trainers.lora import (
     TEXT_ENCODER_TARGETS,
     UNET_TARGETS,
@@ -426,42 +424,6 @@ class TrainResult:
 def work_dir_for(out_dir: Path) -> Path:
     """Checkpoints and validation images of an unfinished run live beside the expert folder."""
     return out_dir.parent / f".{out_dir.name}.work"
-
-
-def train_subject(
-    subject: SubjectData,
-    base: BaseModel | str,
-    cfg: TrainConfig,
-    out_dir: str | Path,
-    *,
-    class_cache: ClassImageCache | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-    allow_config_change: bool = False,
-) -> TrainResult:
-    """Train one subject end to end and publish its expert folder at ``out_dir``.
-
-    Interrupted runs resume from the newest checkpoint in the work folder beside ``out_dir``
-    when called again with the same arguments; with another config they are refused
-    (``ConfigError`` naming the fields) unless ``allow_config_change``.
-    """
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    if (out_dir / EXPERT_FILE).is_file() and not overwrite:
-        raise ConfigError(f"{out_dir} already holds an expert; pass --overwrite to replace it, or choose another --out")
-    p = prepare_subject(subject, base, cfg, class_cache=class_cache)
-    setup_trainable(p)
-    objective = DreamBoothObjective.from_prepared(p)
-    work = work_dir_for(out_dir)
-    (work / "validation").mkdir(parents=True, exist_ok=True)
-
-    hooks = LoopHooks(on_step=on_step, on_validation=lambda step: save_validation_grid(p, work, step))
-    result = run_loop(objective, loop_settings(p.cfg, p, progress=progress), checkpoint_dir=work / "checkpoints",
-                      hooks=hooks, config=to_dict(p.cfg), allow_config_change=allow_config_change)
-    info = publish_expert(p, result, out_dir, work, wall_time_s=time.perf_counter() - t0, overwrite=overwrite)
-    shutil.rmtree(work, ignore_errors=True)
-    return TrainResult(expert_dir=out_dir, info=info, loop=result)
 
 
 def publish_expert(

@@ -18,9 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,24 +26,15 @@ import torch.nn.functional as F
 
 from dreamfleet.core.config import to_dict
 from dreamfleet.core.errors import ConfigError
-from dreamfleet.core.expert import EXPERT_FILE
-from dreamfleet.core.models import BaseModel, load_base
-from dreamfleet.trainers.class_images import ClassImageCache
-from dreamfleet.trainers.config import TrainConfig
 from dreamfleet.trainers.dreambooth import (
     DreamBoothObjective,
     PreparedSubject,
-    SubjectData,
-    TrainResult,
     loop_settings,
     place_module,
-    prepare_subject,
-    publish_expert,
     save_validation_grid,
     setup_frozen,
-    work_dir_for,
 )
-from dreamfleet.trainers.loop import LocalEngine, LoopHooks, LoopResult, LoopSettings, run_loop
+from dreamfleet.trainers.loop import LocalEngine, LoopResult, LoopSettings
 from dreamfleet.trainers.lora import UNET_TARGETS, LoraWeights, initial_lora
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -312,81 +301,3 @@ def save_packed_validation(packed, prepared: Sequence[PreparedSubject], works: S
     for i, (p, work) in enumerate(zip(prepared, works, strict=True)):
         packed.select(i)
         save_validation_grid(p, work, step)
-
-
-def train_packed(
-    subjects: Sequence[SubjectData],
-    base: BaseModel | str,
-    cfg: TrainConfig | Sequence[TrainConfig],
-    out_dirs: Sequence[str | Path],
-    *,
-    class_cache: ClassImageCache | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-    allow_config_change: bool = False,
-) -> list[TrainResult]:
-    """Train several subjects' LoRA experts in one packed run; publish each at its ``out_dirs`` entry.
-
-    ``cfg`` is one config for all subjects or one per subject (differing only in ``seed``).
-    Each expert is what :func:`dreamfleet.trainers.dreambooth.train_subject` would publish
-    for its subject, up to float summation order; an interrupted run resumes from the newest
-    checkpoint of the pack when called again with the same arguments.
-    """
-    t0 = time.perf_counter()
-    out_dirs = [Path(o) for o in out_dirs]
-    cfgs = [cfg] * len(subjects) if isinstance(cfg, TrainConfig) else list(cfg)
-    if not (len(subjects) == len(cfgs) == len(out_dirs)):
-        raise ConfigError(
-            f"{len(subjects)} subjects, {len(cfgs)} configs and {len(out_dirs)} output folders: "
-            "give one of each per subject"
-        )
-    for out in out_dirs:
-        if (out / EXPERT_FILE).is_file() and not overwrite:
-            raise ConfigError(
-                f"{out} already holds an expert; pass --overwrite to replace it, or choose another --out"
-            )
-    base = load_base(base) if isinstance(base, str) else base
-    # Class images come from the plain base model: prepare every subject before packing.
-    prepared = [
-        prepare_subject(s, base, c, class_cache=class_cache) for s, c in zip(subjects, cfgs, strict=True)
-    ]
-    packed = setup_packed(prepared)
-    objective = packed_objective(prepared, packed)
-    settings = packed_loop_settings(prepared, progress=progress)
-    works = [work_dir_for(out) for out in out_dirs]
-    for work in works:
-        (work / "validation").mkdir(parents=True, exist_ok=True)
-
-    def on_validation(step: int) -> None:
-        save_packed_validation(packed, prepared, works, step)
-
-    pack_work = pack_work_dir(out_dirs)
-    result = run_loop(
-        objective,
-        settings,
-        checkpoint_dir=pack_work / "checkpoints",
-        hooks=LoopHooks(on_step=on_step, on_validation=on_validation),
-        engine=PackedEngine(objective, settings),
-        config={p.subject.subject_id: to_dict(p.cfg) for p in prepared},
-        allow_config_change=allow_config_change,
-    )
-    wall = time.perf_counter() - t0
-    ids = objective.subject_ids
-    results = []
-    for i, (p, out, work) in enumerate(zip(prepared, out_dirs, works, strict=True)):
-        r = subject_result(result, ids[i])
-        info = publish_expert(
-            p,
-            r,
-            out,
-            work,
-            wall_time_s=wall,
-            overwrite=overwrite,
-            unet_lora=packed.adapter(i),
-            extra_stats={"packed": {"subjects": ids, "index": i}},
-        )
-        results.append(TrainResult(expert_dir=out, info=info, loop=r))
-    for work in [*works, pack_work]:
-        shutil.rmtree(work, ignore_errors=True)
-    return results

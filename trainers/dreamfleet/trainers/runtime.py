@@ -35,26 +35,15 @@ from dreamfleet.registry.store import now
 from dreamfleet.trainers.class_images import ClassImageCache
 from dreamfleet.trainers.config import TrainConfig, subject_config
 from dreamfleet.trainers.dreambooth import (
-    DreamBoothObjective,
     SubjectData,
-    loop_settings,
     prepare_subject,
-    publish_expert,
-    save_validation_grid,
-    setup_trainable,
 )
-from dreamfleet.trainers.loop import LoopHooks, run_loop
-from dreamfleet.trainers.parallelize import DeepSpeedEngine, DistContext, build_engine
+from dreamfleet.trainers.fit import FitOptions, fit
+from dreamfleet.trainers.loop import LoopHooks
+from dreamfleet.trainers.parallelize import DistContext
 from dreamfleet.trainers.progress import StateTracker, gather_pids
 
 log = logging.getLogger("dreamfleet")
-
-
-
-
-# --------------------------------------------------------------------------- one subject on one rank
-
-
 
 
 def checkpoint_key(subject_id: str, cfg: TrainConfig, input_hash: str, base_hash: str, zero_stage: int, world: int) -> str:
@@ -149,17 +138,8 @@ def _train_pack(gc: GroupConfig, queue, registry, manifest, leases: list[tuple[s
 
 
 def _run_pack(gc: GroupConfig, queue, registry, ready: list[tuple[int, Any]], t0: float) -> None:
-    """Train prepared, packable subjects together; publish each expert."""
+    """Train prepared, packable subjects together (not resumable: see :func:`_train_pack`); publish each expert."""
     import ray
-
-    from dreamfleet.trainers.packing import (
-        PackedEngine,
-        packed_loop_settings,
-        packed_objective,
-        save_packed_validation,
-        setup_packed,
-        subject_result,
-    )
 
     prepared = [p for _, p in ready]
     ids = [p.subject.subject_id for p in prepared]
@@ -168,41 +148,32 @@ def _run_pack(gc: GroupConfig, queue, registry, ready: list[tuple[int, Any]], t0
                               attempts=attempt, error=None, class_noun=p.subject.class_noun, tenant=p.subject.tenant,
                               worker={"group": gc.group, "node": socket.gethostname(), "pids": [os.getpid()],
                                       "packed_with": ids})
+    trackers = [StateTracker(registry, sid, DistContext(), gc.state_every_s, 0) for sid in ids]
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        for sid, tracker in zip(ids, trackers, strict=True):
+            prefix = f"{sid}/"
+            tracker.on_step(step, {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)})
+
+    def stats(i: int) -> dict[str, Any]:
+        return {"attempt": ready[i][0], "world_size": 1, "zero_stage": 0,
+                "steps_executed": trackers[i].steps_executed, "run_id": gc.run_id}
+
     work = Path(tempfile.mkdtemp(prefix=f"dreamfleet-pack-{ids[0]}-"))
+    works = [work / f"s{i}" for i in range(len(ids))]
     try:
-        packed = setup_packed(prepared)
-        objective = packed_objective(prepared, packed)
-        settings = packed_loop_settings(prepared, progress=False)
-        trackers = [StateTracker(registry, sid, DistContext(), gc.state_every_s, 0) for sid in ids]
-        works = [work / f"s{i}" for i in range(len(ids))]
-        for w in works:
-            (w / "validation").mkdir(parents=True)
-
-        def on_step(step: int, metrics: dict[str, float]) -> None:
-            for sid, tracker in zip(ids, trackers, strict=True):
-                prefix = f"{sid}/"
-                tracker.on_step(step, {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)})
-
-        def on_validation(step: int) -> None:
-            save_packed_validation(packed, prepared, works, step)
-
         try:
-            result = run_loop(objective, settings, checkpoint_dir=None,  # packs are not resumed: see above
-                              hooks=LoopHooks(on_step=on_step, on_validation=on_validation),
-                              engine=PackedEngine(objective, settings))
+            results = fit(prepared, works, [w / "expert" for w in works], FitOptions(progress=False, packed=True),
+                          hooks=LoopHooks(on_step=on_step), extra_stats=stats, started=t0)
         except Exception as e:
             for sid in ids:
                 ray.get(queue.finish.remote(gc.group, sid, False, f"packed run failed: {type(e).__name__}: {e}", True))
             return
-        wall = time.perf_counter() - t0
-        for i, ((attempt, p), w, tracker) in enumerate(zip(ready, works, trackers, strict=True)):
-            tracker.flush(force=True)
-            publish_expert(p, subject_result(result, ids[i]), w / "expert", w, wall_time_s=wall, overwrite=True,
-                           unet_lora=packed.adapter(i),
-                           extra_stats={"attempt": attempt, "world_size": 1, "zero_stage": 0,
-                                        "steps_executed": tracker.steps_executed, "run_id": gc.run_id,
-                                        "packed": {"subjects": ids, "index": i}})
-            _mark_done(gc, queue, registry, ids[i], w / "expert", result.final_step)
+        finally:
+            for tracker in trackers:
+                tracker.flush(force=True)
+        for sid, r in zip(ids, results, strict=True):
+            _mark_done(gc, queue, registry, sid, r.expert_dir, r.loop.final_step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -296,22 +267,17 @@ def _train_leased(gc: GroupConfig, dist: DistContext, queue, registry, manifest,
         if p is None:
             return
         key = checkpoint_key(subject_id, p.cfg, p.subject.input_hash(), base.model_hash, gc.zero_stage, dist.world_size)
-        ckpt_dir = work / "checkpoints"
-        ckpt_dir.mkdir()
-        state, resumed = _restore_checkpoint(registry, subject_id, key, ckpt_dir)
-        steps_executed = _announce(gc, dist, registry, p, attempt, key, state, resumed)
-        setup_trainable(p)
-        objective = DreamBoothObjective.from_prepared(p, rank=dist.rank)
-        settings = loop_settings(p.cfg, p, progress=False)
-        engine = build_engine(objective, settings, dist, gc.zero_stage, gc.offload)
-        (work / "validation").mkdir()
-        tracker = StateTracker(registry, subject_id, dist, gc.state_every_s, steps_executed)
-        hooks = LoopHooks(on_step=tracker.on_step, on_checkpoint=_checkpoint_reporter(dist, subject_id, key, tracker),
-                          on_validation=lambda step: save_validation_grid(p, work, step, write=dist.is_main))
+        opts = FitOptions(checkpoint_dir=work / "checkpoints", dist=dist, zero_stage=gc.zero_stage,
+                          offload=gc.offload, progress=False)
+        opts.checkpoint_dir.mkdir()
+        state, resumed = _restore_checkpoint(registry, subject_id, key, opts.checkpoint_dir)
+        tracker = StateTracker(registry, subject_id, dist,
+                               gc.state_every_s, _announce(gc, dist, registry, p, attempt, key, state, resumed))
+        hooks = LoopHooks(on_step=tracker.on_step, on_checkpoint=_checkpoint_reporter(dist, subject_id, key, tracker))
+        stats = {"attempt": attempt, "world_size": dist.world_size, "zero_stage": gc.zero_stage, "run_id": gc.run_id}
         try:
-            result = run_loop(objective, settings, checkpoint_dir=ckpt_dir, hooks=hooks, engine=engine,
-                              is_main=dist.is_main, config=to_dict(p.cfg))
-            unet_state = engine.full_unet_state() if isinstance(engine, DeepSpeedEngine) else None
+            results = fit([p], [work], [work / "expert"], opts, hooks=hooks, started=t0,
+                          extra_stats=lambda _: {**stats, "steps_executed": tracker.steps_executed})
         except Exception as e:
             if dist.world_size > 1:
                 raise  # the other ranks may be blocked in a collective: let Ray Train restart the group
@@ -319,11 +285,7 @@ def _train_leased(gc: GroupConfig, dist: DistContext, queue, registry, manifest,
             return
         if dist.is_main:
             tracker.flush(force=True)
-            publish_expert(p, result, work / "expert", work, wall_time_s=time.perf_counter() - t0, overwrite=True,
-                           unet_state=unet_state,
-                           extra_stats={"attempt": attempt, "world_size": dist.world_size, "zero_stage": gc.zero_stage,
-                                        "steps_executed": tracker.steps_executed, "run_id": gc.run_id})
-            _mark_done(gc, queue, registry, subject_id, work / "expert", result.final_step)
+            _mark_done(gc, queue, registry, subject_id, work / "expert", results[0].loop.final_step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

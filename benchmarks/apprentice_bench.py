@@ -155,9 +155,10 @@ def evaluate_heldout(out: Path, held_m: Path, held_reg: Path, app_dirs: dict[str
         write_table,
     )
     from dreamfleet.registry import Registry
+    from dreamfleet.toy.judge import ToyJudge
 
     ec = EvalConfig(images_per_prompt=c.eval_images_per_prompt, seed=c.seed)
-    scorers = Scorers(ec)
+    scorers = Scorers.from_config(ec, judge=ToyJudge.load())
     m = Manifest.open(held_m)
     reg = Registry(str(held_reg), create=False)
     t0 = time.perf_counter()

@@ -122,6 +122,7 @@ def train(args) -> None:
 
 def evaluate(args) -> None:
     from dreamfleet.eval.evaluate import EvalConfig, Scorers, SubjectCase, evaluate_case
+    from dreamfleet.toy.judge import ToyJudge
 
     base = load_base("toy", fresh=True)
     ident = choose_identifier(base.tokenizer, "apprentice")  # what prepare_apprentice chose
@@ -129,7 +130,7 @@ def evaluate(args) -> None:
     base.unet.load_state_dict(torch.load(Path(args.out) / "unet.pt"))
     base.unet.eval()
     ec = EvalConfig(images_per_prompt=2, seed=0)
-    scorers, rows = Scorers(ec), []
+    scorers, rows = Scorers.from_config(ec, judge=ToyJudge.load()), []
     for s in SUBJECTS:
         photos = subject_images(s, 5)
         case = SubjectCase(s.subject_id, s.cls, ident, list(EVAL_PROMPTS), photos, label="apprentice")

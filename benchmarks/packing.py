@@ -110,7 +110,7 @@ def run_sequential(base, subjects, cfgs, cache, spec: PackSpec) -> dict:
         setup_trainable(p)
         objective = DreamBoothObjective.from_prepared(p)
         stamps = Stamps(p.device)
-        result = run_loop(objective, loop_settings(p.cfg, p, progress=False), hooks=LoopHooks(on_step=stamps))
+        result = run_loop(objective, loop_settings(p, progress=False), hooks=LoopHooks(on_step=stamps))
         wall_s, cpu_s = stamps.timed(spec.warmup)
         timed, cpu = timed + wall_s, cpu + cpu_s
         losses[subject.subject_id] = result.history[-1]["loss"]

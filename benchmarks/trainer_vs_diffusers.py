@@ -192,7 +192,7 @@ def run_dreamfleet(p, spec: Spec) -> dict:
         stamps.append(time.perf_counter())
 
     t_loop = time.perf_counter()
-    result = run_loop(objective, loop_settings(p.cfg, p, progress=False), hooks=LoopHooks(on_step=on_step))
+    result = run_loop(objective, loop_settings(p, progress=False), hooks=LoopHooks(on_step=on_step))
     return {"setup_s": setup_s, "t_loop": t_loop, "stamps": stamps, "losses": [h["loss"] for h in result.history]}
 
 
@@ -396,7 +396,7 @@ def flops_per_step(spec: Spec) -> dict:
     p = prepared_subject(spec, Path(tempfile.mkdtemp(prefix="dreamfleet-mfu-")))
     setup_trainable(p)
     objective = DreamBoothObjective.from_prepared(p)
-    s = loop_settings(p.cfg, p, progress=False)
+    s = loop_settings(p, progress=False)
     engine = LocalEngine(objective, s)
 
     def step(i: int) -> None:

@@ -130,12 +130,13 @@ def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_mode
         generate_case,
         score_case,
     )
+    from dreamfleet.toy.judge import ToyJudge
     from dreamfleet.toy.metrics import photo_contexts
 
     m = Manifest.open(manifest)
     rec = m.record(subject_id)
     photos = [im for _, im, _ in m.read_images(subject_id)]
-    scorers = Scorers(c)
+    scorers = Scorers.from_config(c, judge=ToyJudge.load())
     pipe, info = open_expert(Path(expert_dir))
     case = SubjectCase(subject_id, rec.class_noun, info.identifier, list(rec.eval_prompts), photos, label="DreamBooth")
     base_case = SubjectCase(subject_id, rec.class_noun, info.identifier, list(rec.eval_prompts), photos, label="base")

@@ -45,9 +45,12 @@ def expert_folders(paths: list[Path]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreamfleet.eval.evaluate import EvalConfig, evaluate_experts
+    from dreamfleet.eval.evaluate import EvalConfig, Scorers, evaluate_experts
+    from dreamfleet.toy.judge import ToyJudge
 
     c = C.from_dict(EvalConfig, C.overrides_from_args(EvalConfig, args))
-    evaluate_experts(expert_folders(args.experts), args.manifest, args.out, c, include_base=args.include_base)
+    scorers = Scorers.from_config(c, judge=ToyJudge.load())  # the toy metrics for toy subjects
+    evaluate_experts(expert_folders(args.experts), args.manifest, args.out, c, scorers=scorers,
+                     include_base=args.include_base)
     print(f"results: {args.out / 'results.md'} (and results.csv, grids/)")
     return 0

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreamfleet.control.cluster import WorkerConfig
 from dreamfleet.core.apprentice import ApprenticeInfo
 from dreamfleet.core.config import cfg, to_dict
 from dreamfleet.core.errors import ConfigError
@@ -22,25 +23,19 @@ from dreamfleet.core.errors import ConfigError
 log = logging.getLogger("dreamfleet")
 
 
-@dataclass
-class ApprenticeRuntime:
+@dataclass(frozen=True)
+class ApprenticeRuntime(WorkerConfig):
     """Where and how the apprentice trains."""
 
     local: bool = cfg(False, "train in this process, without Ray")
     workers: int = cfg(1, "Ray Train workers (data parallel)")
-    cpus_per_worker: float = cfg(1.0, "CPUs per worker")
-    gpus_per_worker: float = cfg(0.0, "GPUs per worker")
-    zero_stage: int = cfg(0, "0: DDP; 2 or 3: DeepSpeed ZeRO")
-    offload: bool = cfg(False, "DeepSpeed: offload optimizer state to CPU")
     max_failures: int = cfg(2, "worker-group restarts (each resumes from the last checkpoint)")
     storage: str | None = cfg(None, "Ray Train storage for checkpoints (default: <out>.ray beside --out)")
-    address: str | None = cfg(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
 
     def __post_init__(self) -> None:
+        self.check_workers()
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
-        if self.zero_stage not in (0, 2, 3):
-            raise ConfigError(f"zero_stage must be 0, 2 or 3, got {self.zero_stage}")
 
 
 def train(demo_set: str | Path, base_model: str, train_config, out: str | Path, rt: ApprenticeRuntime | None = None,

@@ -6,10 +6,34 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dreamfleet.core.config import cfg
+from dreamfleet.core.errors import ConfigError
+
 NAMESPACE = "dreamfleet"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The worker section the fan-out's and the apprentice's configs share: a worker's
+    resources, the distributed engine, and the cluster to run on."""
+
+    cpus_per_worker: float = cfg(1.0, "CPUs per worker")
+    gpus_per_worker: float = cfg(0.0, "GPUs per worker (0: CPU training)")
+    zero_stage: int = cfg(0, "0: plain DDP; 2 or 3: DeepSpeed ZeRO stage")
+    offload: bool = cfg(False, "DeepSpeed: offload optimizer state to CPU memory")
+    address: str | None = cfg(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    def check_workers(self) -> None:
+        if self.zero_stage not in (0, 2, 3):
+            raise ConfigError(f"zero_stage must be 0, 2 or 3, got {self.zero_stage}")
+        if self.offload and self.zero_stage == 0:
+            raise ConfigError("--offload needs DeepSpeed: pass --zero-stage 2 or 3")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ConfigError("cpus_per_worker must be positive and gpus_per_worker not negative")
 
 
 def connect_ray(address: str | None, *, num_cpus: int | None = None) -> bool:

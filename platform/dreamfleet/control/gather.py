@@ -195,18 +195,60 @@ class ExpertRenderer:
         return {k: [r.get(k, defaults.get(k, "")) for r in rows] for k in keys}
 
 
+def _experts(registry, registry_uri: str, c: GatherConfig) -> list[dict[str, str]]:
+    """The latest version of each chosen subject (all, unless ``c.subjects``)."""
+    items = []
+    for sid in c.subjects or registry.subjects():
+        version = registry.latest(sid)
+        if version is None:
+            if c.subjects:
+                raise DataError(f"subject {sid!r} has no published expert in {registry_uri}; train it first")
+            continue
+        items.append({"subject_id": sid, "version": version})
+    if not items:
+        raise DataError(f"{registry_uri}: no published experts to gather from; run `dreamfleet train` first")
+    return items
+
+
+@dataclass
+class _Collected:
+    table_rows: list[dict[str, Any]] = field(default_factory=list)
+    kept: dict[str, list] = field(default_factory=dict)  # subject -> its kept Targets
+    meta: dict[str, dict[str, str]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _collect(rows) -> _Collected:
+    """The renderers' rows: every scored render for the triples table, the kept ones as targets."""
+    from PIL import Image
+
+    from dreamfleet.data.demos import Target
+
+    got = _Collected()
+    for row in rows:
+        sid = row["subject_id"]
+        if row["error"]:
+            got.failed[sid] = row["error"]
+            continue
+        got.meta[sid] = {"version": row["version"], "class_noun": row["class_noun"]}
+        got.table_rows.append({k: v for k, v in row.items() if k not in ("target_png", "error")})
+        if row["kept"]:
+            got.kept.setdefault(sid, []).append(Target(
+                Image.open(io.BytesIO(row["target_png"])).convert("RGB"), row["template"],
+                {"prompt": row["prompt"], "seed": int(row["seed"]), "expert_score": row["expert_score"],
+                 "base_score": row["base_score"], "gain": row["gain"], "prompt_score": row["prompt_score"],
+                 "expert": f"{sid}@{row['version']}"}))
+    for sid, err in got.failed.items():
+        log.warning("gather: expert %s skipped: %s", sid, err)
+    return got
+
+
 def gather(registry_uri: str, out: str | Path, c: GatherConfig | None = None, *, address: str | None = None,
            overwrite: bool = False) -> GatherReport:
     """Run the gather job on Ray (embedded local Ray unless ``address``); write the demonstration set."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray
-    from PIL import Image
 
     from dreamfleet.control.cluster import absolute, connect_ray
-    from dreamfleet.core.artifacts import write_json
-    from dreamfleet.core.version import code_version
-    from dreamfleet.data.demos import GATHER_FILE, TRIPLES_FILE, DemoSubject, Target, write_demo_set
     from dreamfleet.registry import Registry
 
     c = c or GatherConfig()
@@ -216,17 +258,7 @@ def gather(registry_uri: str, out: str | Path, c: GatherConfig | None = None, *,
         raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
     registry_uri = absolute(registry_uri)
     registry = Registry(registry_uri, create=False)
-    wanted = c.subjects or registry.subjects()
-    items = []
-    for sid in wanted:
-        version = registry.latest(sid)
-        if version is None:
-            if c.subjects:
-                raise DataError(f"subject {sid!r} has no published expert in {registry_uri}; train it first")
-            continue
-        items.append({"subject_id": sid, "version": version})
-    if not items:
-        raise DataError(f"{registry_uri}: no published experts to gather from; run `dreamfleet train` first")
+    items = _experts(registry, registry_uri, c)
     log.info("gather: %d expert(s) x %d template(s) x %d image(s)", len(items), len(c.templates), c.images_per_prompt)
     connect_ray(address)
     ds = ray.data.from_items(items).map_batches(
@@ -234,46 +266,41 @@ def gather(registry_uri: str, out: str | Path, c: GatherConfig | None = None, *,
         compute=ray.data.ActorPoolStrategy(size=c.concurrency), num_cpus=c.cpus_per_actor,
         num_gpus=c.gpus_per_actor or None,
     )
-    table_rows: list[dict[str, Any]] = []
-    kept: dict[str, list[Target]] = {}
-    meta: dict[str, dict[str, str]] = {}
-    failed: dict[str, str] = {}
-    for row in ds.iter_rows():
-        if row["error"]:
-            failed[row["subject_id"]] = row["error"]
-            continue
-        sid = row["subject_id"]
-        meta[sid] = {"version": row["version"], "class_noun": row["class_noun"]}
-        table_rows.append({k: v for k, v in row.items() if k not in ("target_png", "error")})
-        if row["kept"]:
-            kept.setdefault(sid, []).append(Target(
-                Image.open(io.BytesIO(row["target_png"])).convert("RGB"), row["template"],
-                {"prompt": row["prompt"], "seed": int(row["seed"]), "expert_score": row["expert_score"],
-                 "base_score": row["base_score"], "gain": row["gain"], "prompt_score": row["prompt_score"],
-                 "expert": f"{sid}@{row['version']}"}))
-    for sid, err in failed.items():
-        log.warning("gather: expert %s skipped: %s", sid, err)
-    generated = len(table_rows)
-    n_kept = sum(len(v) for v in kept.values())
-    kept_at = {f"{t:+.2f}": sum(r["gain"] >= t for r in table_rows) for t in THRESHOLD_GRID}
+    got = _collect(ds.iter_rows())
+    return _write_gathered(got, registry, registry_uri, out, c, len(items), t0, overwrite)
 
-    def subjects():
-        for sid in sorted(kept):
-            photos, _info, _ = real_images(registry, sid, meta[sid]["version"])
-            yield DemoSubject(sid, meta[sid]["class_noun"], photos, kept[sid],
-                              [f"a {{0}} {meta[sid]['class_noun']}"] * len(photos))
 
-    if not kept:
+def _write_gathered(got: _Collected, registry, registry_uri: str, out: Path, c: GatherConfig, n_experts: int,
+                    t0: float, overwrite: bool) -> GatherReport:
+    """The demonstration set (kept renders and each subject's photos), its triples table and report."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dreamfleet.core.artifacts import write_json
+    from dreamfleet.core.version import code_version
+    from dreamfleet.data.demos import GATHER_FILE, TRIPLES_FILE, DemoSubject, write_demo_set
+
+    generated = len(got.table_rows)
+    n_kept = sum(len(v) for v in got.kept.values())
+    kept_at = {f"{t:+.2f}": sum(r["gain"] >= t for r in got.table_rows) for t in THRESHOLD_GRID}
+    if not got.kept:
         raise DataError(f"gather kept none of {generated} renders at threshold {c.threshold}; lower --threshold "
                         f"(kept at other thresholds: {kept_at})")
+
+    def subjects():
+        for sid in sorted(got.kept):
+            noun = got.meta[sid]["class_noun"]
+            photos, _info, _ = real_images(registry, sid, got.meta[sid]["version"])
+            yield DemoSubject(sid, noun, photos, got.kept[sid], [f"a {{0}} {noun}"] * len(photos))
+
     write_demo_set(subjects(), out, overwrite=overwrite,
                    builder={"kind": "apprentice-gather", "registry": registry_uri, "config": to_dict(c)})
-    pq.write_table(pa.Table.from_pylist(table_rows), out / TRIPLES_FILE)
-    report = GatherReport(out, len(items), generated, n_kept, failed, kept_at, time.perf_counter() - t0)
+    pq.write_table(pa.Table.from_pylist(got.table_rows), out / TRIPLES_FILE)
+    report = GatherReport(out, n_experts, generated, n_kept, got.failed, kept_at, time.perf_counter() - t0)
     write_json(out / GATHER_FILE, {
         "registry": registry_uri, "config": to_dict(c), "code_version": code_version(),
-        "experts": len(items), "generated": generated, "kept": n_kept, "kept_at_threshold": kept_at,
-        "failed": failed, "wall_time_s": round(report.wall_time_s, 2),
-        "experts_used": {sid: m["version"] for sid, m in sorted(meta.items())},
+        "experts": n_experts, "generated": generated, "kept": n_kept, "kept_at_threshold": kept_at,
+        "failed": got.failed, "wall_time_s": round(report.wall_time_s, 2),
+        "experts_used": {sid: m["version"] for sid, m in sorted(got.meta.items())},
     })
     return report

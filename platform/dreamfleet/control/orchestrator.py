@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dreamfleet.control.cluster import NAMESPACE, absolute, connect_ray, worker_group
+from dreamfleet.control.cluster import NAMESPACE, WorkerConfig, absolute, connect_ray, worker_group
 from dreamfleet.core.config import cfg, to_dict
 from dreamfleet.core.errors import ConfigError, DataError
 from dreamfleet.core.version import code_version
@@ -29,38 +29,30 @@ from dreamfleet.trainers.config import TrainConfig
 log = logging.getLogger("dreamfleet")
 
 
-@dataclass
-class FanoutConfig:
+@dataclass(frozen=True)
+class FanoutConfig(WorkerConfig):
     """How a manifest is spread over the cluster."""
 
     workers_per_subject: int = cfg(1, "Ray Train workers that train one subject together (DDP or DeepSpeed)")
-    gpus_per_worker: float = cfg(0.0, "GPUs per worker (0: CPU training)")
-    cpus_per_worker: float = cfg(1.0, "CPUs per worker")
     max_concurrent: int = cfg(1, "worker groups training subjects at the same time")
-    zero_stage: int = cfg(0, "0: plain DDP; 2 or 3: DeepSpeed ZeRO stage")
-    offload: bool = cfg(False, "DeepSpeed: offload optimizer state to CPU memory")
     max_retries: int = cfg(2, "retries of a failed subject before it is marked failed")
     retrain: bool = cfg(False, "train subjects that already have a published expert again (a new version)")
-    address: str | None = cfg(None, "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     class_cache: str | None = cfg(None, "class-image cache folder (default: <registry>/class-images on a local registry)")
     class_image_actors: int = cfg(1, "Ray Data actors generating missing class images in parallel (each loads the base model)")
     pack: int = cfg(1, "LoRA subjects a worker trains together in one packed run (shared base-model passes; "
                        "1 worker per subject, no DeepSpeed)")
 
     def __post_init__(self) -> None:
+        self.check_workers()
         if self.workers_per_subject < 1 or self.max_concurrent < 1 or self.class_image_actors < 1:
             raise ConfigError("workers_per_subject, max_concurrent and class_image_actors must be at least 1")
-        if self.zero_stage not in (0, 2, 3):
-            raise ConfigError(f"zero_stage must be 0, 2 or 3, got {self.zero_stage}")
-        if self.offload and self.zero_stage == 0:
-            raise ConfigError("--offload needs DeepSpeed: pass --zero-stage 2 or 3")
         if self.pack < 1:
             raise ConfigError(f"pack must be at least 1, got {self.pack}")
         if self.pack > 1 and (self.workers_per_subject > 1 or self.zero_stage):
             raise ConfigError("--pack trains several subjects on one worker: use it with --workers-per-subject 1 "
                               "and no --zero-stage")
-        if self.max_retries < 0 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
-            raise ConfigError("max_retries, cpus_per_worker and gpus_per_worker must not be negative")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must not be negative, got {self.max_retries}")
 
 
 @dataclass
@@ -83,16 +75,20 @@ def select_subjects(manifest, subjects: list[str] | None) -> list[str]:
     return list(dict.fromkeys(subjects))
 
 
-def check_subject_configs(manifest, manifest_uri: str, subjects: list[str], train_cfg: TrainConfig) -> None:
-    """Every subject's config (the run's, with the manifest's per-subject overrides) built and
-    validated on the driver, before Ray starts or anything is written: a bad override fails
-    the submission, naming each subject and field, instead of a worker later."""
+def subject_configs(manifest, manifest_uri: str, subjects: list[str], train_cfg: TrainConfig,
+                    base_model: str) -> dict[str, TrainConfig]:
+    """Every subject's config, resolved once here on the driver before Ray starts or anything is
+    written: the run's, with the manifest's per-subject overrides and the base model's defaults.
+    These are what the workers train with and record. A bad override fails the submission,
+    naming each subject and field, instead of a worker later."""
+    from dreamfleet.core.models import load_base
     from dreamfleet.trainers.config import subject_config
 
-    problems = []
+    native = load_base(base_model, fresh=False).resolution if subjects else 0
+    configs, problems = {}, []
     for sid in subjects:
         try:
-            subject_config(to_dict(train_cfg), manifest.record(sid))
+            configs[sid] = subject_config(train_cfg, manifest.record(sid), native_resolution=native)
         except ConfigError as e:
             problems.append(str(e) if sid in str(e) else f"subject {sid!r}: {e}")
     if problems:
@@ -101,6 +97,7 @@ def check_subject_configs(manifest, manifest_uri: str, subjects: list[str], trai
             "started:\n  " + "\n  ".join(problems) + "\nfix them in the manifest's subject table "
             "(columns steps, learning_rate, method, train_overrides) and rebuild it, or leave them out with --subjects"
         )
+    return configs
 
 
 def run_fanout(
@@ -130,7 +127,7 @@ def run_fanout(
             if registry.latest(sid) and (st is None or st.state == "done"):
                 skipped.append(sid)
     todo = [s for s in chosen if s not in set(skipped)]
-    check_subject_configs(manifest, manifest_uri, todo, train_cfg)
+    configs = subject_configs(manifest, manifest_uri, todo, train_cfg, base_model)
     if fan.pack > 1 and train_cfg.method != "lora":
         raise ConfigError(f"--pack {fan.pack} packs LoRA adapters; this run trains method={train_cfg.method!r} "
                           "(pass --method lora, or --pack 1)")
@@ -152,9 +149,9 @@ def run_fanout(
     if todo:
         connect_ray(fan.address)
         if train_cfg.with_prior_preservation:
-            generated = pregenerate_class_images(manifest, todo, base_model, train_cfg, class_cache,
+            generated = pregenerate_class_images(manifest, configs, base_model, class_cache,
                                                  actors=fan.class_image_actors)
-        _run_groups(manifest_uri, registry, base_model, train_cfg, fan, todo, run_id, class_cache, progress)
+        _run_groups(manifest_uri, registry, base_model, configs, fan, run_id, class_cache, progress)
     states = {sid: registry.get_state(sid) for sid in todo}
     done = [s for s, st in states.items() if st and st.state == "done"]
     failed = {s: (st.error if st else "no state") or "unknown" for s, st in states.items() if s not in set(done)}
@@ -164,12 +161,14 @@ def run_fanout(
     return summary
 
 
-def _run_groups(manifest_uri, registry, base_model, train_cfg, fan: FanoutConfig, todo, run_id, class_cache, progress):
+def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, run_id, class_cache, progress):
     import ray
 
+    from dreamfleet.control.progress import StateTracker
     from dreamfleet.control.queue import SubjectQueue
     from dreamfleet.trainers.runtime import GroupConfig, fanout_worker
 
+    todo = list(configs)
     queue_name = f"dreamfleet-queue-{run_id}"
     queue = ray.remote(num_cpus=0)(SubjectQueue).options(name=queue_name, namespace=NAMESPACE).remote(
         registry.uri, todo, fan.max_retries
@@ -180,11 +179,11 @@ def _run_groups(manifest_uri, registry, base_model, train_cfg, fan: FanoutConfig
     def run_group(group: int) -> None:
         gc = GroupConfig(
             run_id=run_id, group=group, queue_name=queue_name, namespace=NAMESPACE, manifest=manifest_uri,
-            registry=registry.uri, base_model=base_model, train_config=to_dict(train_cfg),
+            registry=registry.uri, base_model=base_model, configs=configs, tracker=StateTracker,
             zero_stage=fan.zero_stage, offload=fan.offload, class_cache=class_cache, pack=fan.pack,
         )
         trainer = worker_group(
-            fanout_worker, dataclasses.asdict(gc), name=f"{run_id}-g{group}-{uuid.uuid4().hex[:4]}",
+            fanout_worker, gc.as_loop_config(), name=f"{run_id}-g{group}-{uuid.uuid4().hex[:4]}",
             workers=fan.workers_per_subject, cpus_per_worker=fan.cpus_per_worker,
             gpus_per_worker=fan.gpus_per_worker, storage=registry.checkpoint_storage, max_failures=max_failures,
         )
@@ -267,7 +266,7 @@ class _ClassImageGenerator:
         return {"generated": out}
 
 
-def pregenerate_class_images(manifest, subjects, base_model, train_cfg: TrainConfig, cache_root, *,
+def pregenerate_class_images(manifest, configs: dict[str, TrainConfig], base_model, cache_root, *,
                              actors: int = 1) -> int:
     """Generate every missing class image of the run once per class, as a Ray Data batch job."""
     import json
@@ -276,17 +275,14 @@ def pregenerate_class_images(manifest, subjects, base_model, train_cfg: TrainCon
 
     from dreamfleet.core.models import load_base
     from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
-    from dreamfleet.trainers.config import subject_config
-
     base = load_base(base_model, fresh=False)
     cache = ClassImageCache(cache_root)
     requests: dict[str, ClassImageRequest] = {}
-    for sid in subjects:
-        record = manifest.record(sid)
-        c = subject_config(to_dict(train_cfg), record).resolve(native_resolution=base.resolution)
+    for sid, c in configs.items():
         if not c.with_prior_preservation:
             continue
-        req = ClassImageRequest.for_config(c, c.class_prompt.format(class_noun=record.class_noun, identifier=""))
+        req = ClassImageRequest.for_config(c, c.class_prompt.format(class_noun=manifest.record(sid).class_noun,
+                                                                    identifier=""))
         key = req.key(base) + str(req.count)
         if key not in requests or requests[key].count < req.count:
             requests[key] = req

@@ -74,24 +74,28 @@ def generate(pipe, prompts: Sequence[str], n: int, c: EvalConfig) -> list[list[I
     return out
 
 
+@dataclass
 class Scorers:
-    """The metrics available for this run: the toy judge, DINO, CLIP (each optional)."""
+    """The metrics of a run, each optional and passed in by the caller: a judge for the toy
+    metrics (:class:`dreamfleet.toy.judge.ToyJudge`, for the subjects it knows), DINO, CLIP."""
 
-    def __init__(self, c: EvalConfig, *, toy: bool = True):
-        self.judge = None
-        if toy:
-            from dreamfleet.toy.judge import ToyJudge
+    judge: Any = None
+    dino: Any = None
+    clip: Any = None
 
-            self.judge = ToyJudge.load()
-        self.dino = self.clip = None
+    @classmethod
+    def from_config(cls, c: EvalConfig, *, judge: Any = None) -> Scorers:
+        """DINO and CLIP from the config's model folders, beside the given judge."""
+        dino = clip = None
         if c.dino_model:
             from dreamfleet.eval.metrics import DinoScorer
 
-            self.dino = DinoScorer(c.dino_model, c.device)
+            dino = DinoScorer(c.dino_model, c.device)
         if c.clip_model:
             from dreamfleet.eval.metrics import ClipScorer
 
-            self.clip = ClipScorer(c.clip_model, c.device)
+            clip = ClipScorer(c.clip_model, c.device)
+        return cls(judge, dino, clip)
 
 
 @dataclass
@@ -192,15 +196,17 @@ def write_table(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluati
 
 
 def evaluate_experts(expert_dirs: Sequence[Path], manifest: str | Path, out: str | Path, c: EvalConfig | None = None,
-                     *, include_base: bool = False, on_row: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
-    """Evaluate each expert on its manifest subject's prompts; write the table and grids under ``out``."""
+                     *, scorers: Scorers | None = None, include_base: bool = False,
+                     on_row: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+    """Evaluate each expert on its manifest subject's prompts with ``scorers`` (default: DINO and
+    CLIP as the config names them, no judge); write the table and grids under ``out``."""
     from dreamfleet.core.models import load_base
     from dreamfleet.data.manifest import Manifest
 
     c = c or EvalConfig()
     out = Path(out)
     m = Manifest.open(manifest)
-    scorers = Scorers(c)
+    scorers = scorers or Scorers.from_config(c)
     rows: list[dict[str, Any]] = []
     for expert_dir in expert_dirs:
         pipe, info = open_expert(Path(expert_dir))

@@ -62,6 +62,7 @@ def run_microbench(out: str | Path, c: MicrobenchConfig | None = None, *, base_s
     """Train and evaluate; writes ``results.csv``/``results.md``, grids and experts under ``out``."""
     from dreamfleet.core.models import load_base
     from dreamfleet.data.manifest import Manifest
+    from dreamfleet.toy.judge import ToyJudge
     from dreamfleet.toy.subjects import SUBJECTS, write_subjects_manifest
     from dreamfleet.trainers.class_images import ClassImageCache
     from dreamfleet.trainers.dreambooth import SubjectData
@@ -77,7 +78,7 @@ def run_microbench(out: str | Path, c: MicrobenchConfig | None = None, *, base_s
     ids = c.subjects or [s.subject_id for s in SUBJECTS]
     ec = EvalConfig(images_per_prompt=c.images_per_prompt, class_images=c.class_images,
                     num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale, seed=c.seed)
-    scorers = Scorers(ec)
+    scorers = Scorers.from_config(ec, judge=ToyJudge.load())
     cache = ClassImageCache(out / "class-cache")
     base_cfg = microbench_train_config(**c.train)
     rows: list[dict] = []

@@ -196,6 +196,7 @@ def train_judge(out: str | Path = JUDGE_DIR, c: JudgeConfig | None = None, *,
     held-out report, e.g. ``dreamfleet.toy.metrics.validate_judge``) to ``out``."""
     from safetensors.torch import save_file
 
+    from dreamfleet.trainers.config import LoopConfig, OptimizerConfig
     from dreamfleet.trainers.loop import LoopSettings, run_loop
 
     c = c or JudgeConfig()
@@ -203,10 +204,10 @@ def train_judge(out: str | Path = JUDGE_DIR, c: JudgeConfig | None = None, *,
     torch.manual_seed(c.seed)
     net = JudgeNet(len(SUBJECTS), c.width)
     objective = JudgeObjective(net, c)
-    result = run_loop(objective, LoopSettings(
-        steps=c.steps, learning_rate=c.learning_rate, lr_scheduler="cosine", lr_warmup_steps=min(100, c.steps // 10),
-        progress=False, description="toy judge",
-    ))
+    optimizer = OptimizerConfig(learning_rate=c.learning_rate, lr_scheduler="cosine",
+                                lr_warmup_steps=min(100, c.steps // 10))
+    loop = LoopConfig(steps=c.steps, checkpoint_every=0, validation_every=0)
+    result = run_loop(objective, LoopSettings(optimizer, loop, progress=False, description="toy judge"))
     net.eval()
     report = validate(ToyJudge(net))
     info = {"config": asdict(c), "subjects": subject_labels(), "final_loss": result.final_loss,

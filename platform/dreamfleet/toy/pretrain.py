@@ -40,6 +40,7 @@ from dreamfleet.core.models import BaseModel, state_dict_hash
 from dreamfleet.core.version import code_version
 from dreamfleet.toy.model import build_untrained
 from dreamfleet.toy.world import caption, render, scene_rng, world_sample
+from dreamfleet.trainers.config import LoopConfig, OptimizerConfig
 from dreamfleet.trainers.loop import LoopHooks, LoopSettings, run_loop, step_generator
 
 log = logging.getLogger("dreamfleet")
@@ -187,10 +188,10 @@ def time_steps(objective, n: int = 3) -> float:
 
 
 def _settings(steps: int, lr: float, c: PretrainConfig, what: str, progress: bool) -> LoopSettings:
-    return LoopSettings(
-        steps=steps, learning_rate=lr, lr_scheduler="cosine", lr_warmup_steps=min(c.warmup_steps, steps // 10),
-        adam_weight_decay=0.0, checkpoint_every=c.checkpoint_every, description=what, progress=progress and sys.stderr.isatty(),
-    )
+    optimizer = OptimizerConfig(learning_rate=lr, lr_scheduler="cosine", lr_warmup_steps=min(c.warmup_steps, steps // 10),
+                                adam_weight_decay=0.0)
+    loop = LoopConfig(steps=steps, checkpoint_every=c.checkpoint_every, validation_every=0)
+    return LoopSettings(optimizer, loop, description=what, progress=progress and sys.stderr.isatty())
 
 
 def _log_hook(what: str, steps: int, deadline: float | None = None, every: int = 250) -> LoopHooks:

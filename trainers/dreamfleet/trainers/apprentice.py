@@ -48,20 +48,24 @@ from dreamfleet.core.errors import ConfigError
 from dreamfleet.core.identifiers import check_identifier, choose_identifier
 from dreamfleet.core.models import BaseModel, load_base
 from dreamfleet.core.version import code_version
+from dreamfleet.trainers.config import LoopConfig, OptimizerConfig, Scheduler
 from dreamfleet.trainers.dreambooth import resolve_device, resolve_precision
 from dreamfleet.trainers.loop import LoopHooks, LoopResult, LoopSettings, run_loop, step_generator
 
 log = logging.getLogger("dreamfleet")
 
 
-@dataclass
-class ApprenticeConfig:
-    """How the apprentice is trained (recorded in apprentice.json)."""
+@dataclass(frozen=True)
+class ApprenticeConfig(LoopConfig, OptimizerConfig):
+    """How the apprentice is trained (recorded in apprentice.json). The same optimizer and loop
+    sections as DreamBooth's config, with the apprentice's defaults where they differ."""
 
     steps: int = cfg(2000, "optimizer steps")
     learning_rate: float = cfg(1e-4, "AdamW learning rate (IP-Adapter: 1e-4)")
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = cfg("cosine", "learning-rate schedule")
+    lr_scheduler: Scheduler = cfg("cosine", "learning-rate schedule")
     lr_warmup_steps: int = cfg(100, "linear warm-up steps")
+    checkpoint_every: int = cfg(500, "checkpoint every N steps (0: only at the end)")
+    validation_every: int = cfg(0, "unused: the apprentice writes no validation images while training")
     batch_size: int = cfg(16, "triples per step")
     min_demos: int = cfg(3, "fewest demonstrations per sample")
     max_demos: int = cfg(5, "most demonstrations per sample")
@@ -75,15 +79,14 @@ class ApprenticeConfig:
     train_unet: bool = cfg(False, "also fine-tune the whole UNet (SuTI fine-tunes the apprentice fully)")
     identifier: str | None = cfg(None, "the token that stands for the demonstrated subject (default: chosen from rare tokens)")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = cfg("auto", "as for DreamBooth")
-    max_grad_norm: float = cfg(1.0, "gradient clipping (0 disables)")
-    adam_weight_decay: float = cfg(1e-2, "AdamW weight decay")
-    checkpoint_every: int = cfg(500, "checkpoint every N steps (0: only at the end)")
     seed: int = cfg(0, "seed of sampling, noise, timesteps and drops")
     device: str = cfg("auto", "auto, cpu, cuda, ...")
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("steps and batch_size must be at least 1")
+        self.check_optimizer()
+        self.check_loop()
+        if self.batch_size < 1:
+            raise ConfigError(f"config field 'batch_size' must be at least 1, got {self.batch_size}")
         if not 1 <= self.min_demos <= self.max_demos <= 8:
             raise ConfigError(f"need 1 <= min_demos ({self.min_demos}) <= max_demos ({self.max_demos}) <= 8")
         for name in ("drop_text", "drop_demos", "drop_both"):
@@ -119,6 +122,31 @@ class PreparedApprentice:
     input_hash: str
 
 
+def _attach_trainable(base: BaseModel, c: ApprenticeConfig, device: torch.device, wdtype: torch.dtype) -> None:
+    """Freeze the base model, attach the apprentice modules; trainable weights stay fp32 (master weights)."""
+    base.vae.requires_grad_(False).to(device, wdtype)
+    base.text_encoder.requires_grad_(False).to(device, wdtype)
+    base.unet.requires_grad_(c.train_unet).to(device, torch.float32 if c.train_unet else wdtype)
+    attach(base.unet, c.arch(), latent_channels=int(base.unet.config.in_channels),
+           latent_size=int(base.unet.config.sample_size))
+    for name, p in base.unet.named_parameters():
+        if "encoder_hid_proj" in name or ".processor." in name:
+            p.requires_grad_(True)
+            p.data = p.data.float()
+
+
+def _embed(base: BaseModel, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Each prompt's text embedding (on the CPU), 64 prompts per text-encoder pass."""
+    tok, out = base.tokenizer, {}
+    for i in range(0, len(prompts), 64):
+        batch = prompts[i:i + 64]
+        ids = tok(batch, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        for p, e in zip(batch, base.text_encoder(ids)[0].float().cpu(), strict=True):
+            out[p] = e
+    return out
+
+
 def prepare_apprentice(demo_set: str | Path, base: BaseModel | str, c: ApprenticeConfig) -> PreparedApprentice:
     """Read the demonstration set, attach the apprentice modules, cache every latent and embedding."""
     from dreamfleet.data.demos import read_demo_set
@@ -131,15 +159,7 @@ def prepare_apprentice(demo_set: str | Path, base: BaseModel | str, c: Apprentic
     device = resolve_device(c.device)
     dtype = resolve_precision(c.mixed_precision, device)
     wdtype = dtype or torch.float32
-    base.vae.requires_grad_(False).to(device, wdtype)
-    base.text_encoder.requires_grad_(False).to(device, wdtype)
-    base.unet.requires_grad_(c.train_unet).to(device, torch.float32 if c.train_unet else wdtype)
-    attach(base.unet, c.arch(), latent_channels=int(base.unet.config.in_channels),
-           latent_size=int(base.unet.config.sample_size))
-    for name, p in base.unet.named_parameters():  # trainable weights stay fp32 (master weights)
-        if "encoder_hid_proj" in name or ".processor." in name:
-            p.requires_grad_(True)
-            p.data = p.data.float()
+    _attach_trainable(base, c, device, wdtype)
     res = base.resolution
     sf = float(base.vae.config.scaling_factor)
     demo_latents, means, stds, owners, prompts = [], [], [], [], []
@@ -164,15 +184,8 @@ def prepare_apprentice(demo_set: str | Path, base: BaseModel | str, c: Apprentic
                 stds.append((d.std.float() * sf).cpu())
                 owners += [si] * len(chunk)
                 prompts += [" ".join(t.template.format(identifier, s.class_noun).split()) for t in chunk]
-        emb_of: dict[str, torch.Tensor] = {}
-        tok = base.tokenizer
         unique = [*sorted(set(prompts) | {q for qs in photo_prompts for q in qs}), ""]
-        for i in range(0, len(unique), 64):
-            batch = unique[i:i + 64]
-            ids = tok(batch, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(device)
-            for p, e in zip(batch, base.text_encoder(ids)[0].float().cpu(), strict=True):
-                emb_of[p] = e
+        emb_of = _embed(base, unique, device)
     n_targets = len(owners)
     log.info("apprentice data: %d subjects, %d targets, %d unique prompts", len(subjects), n_targets, len(unique) - 1)
     return PreparedApprentice(
@@ -269,12 +282,8 @@ class ApprenticeObjective:
 
 
 def apprentice_loop_settings(p: PreparedApprentice, *, progress: bool = True) -> LoopSettings:
-    c = p.cfg
-    return LoopSettings(
-        steps=c.steps, learning_rate=c.learning_rate, lr_scheduler=c.lr_scheduler, lr_warmup_steps=c.lr_warmup_steps,
-        max_grad_norm=c.max_grad_norm, adam_weight_decay=c.adam_weight_decay, autocast_dtype=p.autocast_dtype,
-        checkpoint_every=c.checkpoint_every, device=p.device, progress=progress, description="apprentice",
-    )
+    return LoopSettings(p.cfg, p.cfg, autocast_dtype=p.autocast_dtype, device=p.device, progress=progress,
+                        description="apprentice")
 
 
 def publish_apprentice(p: PreparedApprentice, result: LoopResult, out: Path, *, wall_time_s: float,

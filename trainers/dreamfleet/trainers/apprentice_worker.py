@@ -72,7 +72,7 @@ def apprentice_worker(config: dict[str, Any]) -> None:
 
         def on_step(step: int, metrics: dict[str, float]) -> None:
             if dist.is_main and step % 50 == 0:
-                log.info("apprentice step %d/%d loss %.4f", step, settings.steps, metrics["loss"])
+                log.info("apprentice step %d/%d loss %.4f", step, settings.loop.steps, metrics["loss"])
 
         result = run_loop(objective, settings, checkpoint_dir=ckpt_dir, engine=engine, is_main=dist.is_main,
                           hooks=LoopHooks(on_step=on_step, on_checkpoint=on_checkpoint))

@@ -372,16 +372,10 @@ def setup_trainable(p: PreparedSubject) -> None:
     base.unet.train()
 
 
-def loop_settings(cfg: TrainConfig, p: PreparedSubject, *, progress: bool = True) -> LoopSettings:
-    return LoopSettings(
-        steps=cfg.steps, learning_rate=cfg.learning_rate, lr_scheduler=cfg.lr_scheduler,
-        lr_warmup_steps=cfg.lr_warmup_steps, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_grad_norm=cfg.max_grad_norm, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
-        adam_weight_decay=cfg.adam_weight_decay, adam_epsilon=cfg.adam_epsilon, autocast_dtype=p.autocast_dtype,
-        checkpoint_every=cfg.checkpoint_every, checkpoints_total_limit=cfg.checkpoints_total_limit,
-        validation_every=cfg.validation_every, device=p.device, progress=progress,
-        description=f"dreambooth {p.subject.subject_id}",
-    )
+def loop_settings(p: PreparedSubject, *, progress: bool = True) -> LoopSettings:
+    """The loop takes the subject's config as its optimizer and loop sections."""
+    return LoopSettings(p.cfg, p.cfg, autocast_dtype=p.autocast_dtype, device=p.device, progress=progress,
+                        description=f"dreambooth {p.subject.subject_id}")
 
 
 def save_validation_grid(p: PreparedSubject, work: Path, step: int, *, write: bool = True) -> None:
@@ -444,27 +438,8 @@ def publish_expert(
     shard (DeepSpeed ZeRO-3). ``unet_lora``: the subject's UNet adapter, when the UNet holds
     several subjects' adapters (multi-subject packing) rather than one PEFT adapter.
     """
-    cfg, base = p.cfg, p.base
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        if unet_lora is not None:
-            write_lora(tmp, unet_lora)
-            weights = ["pytorch_lora_weights.safetensors"]
-        elif cfg.method == "lora":
-            save_lora(tmp, base.unet, base.text_encoder if cfg.train_text_encoder else None, unet_state=unet_state)
-            weights = ["pytorch_lora_weights.safetensors"]
-        elif unet_state is not None:
-            from diffusers import UNet2DConditionModel
-
-            full = UNet2DConditionModel.from_config(base.unet.config)
-            full.load_state_dict({k: v.float() for k, v in unet_state.items()})
-            full.save_pretrained(tmp / "unet", safe_serialization=True)
-            weights = ["unet"]
-        else:
-            base.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            weights = ["unet"]
-            if cfg.train_text_encoder:
-                base.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-                weights.append("text_encoder")
+        weights = _write_weights(tmp, p, unet_state, unet_lora)
         if (work / "validation").is_dir():
             shutil.copytree(work / "validation", tmp / "validation")
         (tmp / "instance").mkdir()
@@ -472,35 +447,63 @@ def publish_expert(
             thumb = im.copy()
             thumb.thumbnail((256, 256))
             thumb.save(tmp / "instance" / f"{i:02d}.png")
-        history = result.history
-        info = ExpertInfo(
-            subject_id=p.subject.subject_id,
-            class_noun=p.subject.class_noun,
-            identifier=p.identifier,
-            instance_prompt=p.instance_prompt,
-            method=cfg.method,
-            base_model=base.describe,
-            config=to_dict(cfg),
-            code_version=code_version(),
-            input_hash=p.subject.input_hash(),
-            num_images=len(p.subject.images),
-            final_loss=result.final_loss,
-            wall_time_s=round(wall_time_s, 3),
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            weights=weights,
-            class_images=p.class_images,
-            tenant=p.subject.tenant,
-            source=p.subject.source,
-            train_stats={
-                "steps": result.final_step,
-                "resumed_from": result.resumed_from,
-                "step_time_s": round(result.step_time_s, 3),
-                "loss_first": history[0]["loss"] if history else None,
-                "device": str(p.device),
-                "precision": str(p.autocast_dtype).replace("torch.", "") if p.autocast_dtype else "fp32",
-                **(extra_stats or {}),
-            },
-        )
-        write_json(tmp / "loss_history.json", history)
+        info = _expert_info(p, result, weights, wall_time_s, extra_stats)
+        write_json(tmp / "loss_history.json", result.history)
         write_json(tmp / EXPERT_FILE, info.to_dict())
     return info
+
+
+def _write_weights(tmp: Path, p: PreparedSubject, unet_state, unet_lora: LoraWeights | None) -> list[str]:
+    """The trained weights into the expert folder being written; returns what it holds."""
+    cfg, base = p.cfg, p.base
+    if unet_lora is not None:
+        write_lora(tmp, unet_lora)
+        return ["pytorch_lora_weights.safetensors"]
+    if cfg.method == "lora":
+        save_lora(tmp, base.unet, base.text_encoder if cfg.train_text_encoder else None, unet_state=unet_state)
+        return ["pytorch_lora_weights.safetensors"]
+    if unet_state is not None:
+        from diffusers import UNet2DConditionModel
+
+        full = UNet2DConditionModel.from_config(base.unet.config)
+        full.load_state_dict({k: v.float() for k, v in unet_state.items()})
+        full.save_pretrained(tmp / "unet", safe_serialization=True)
+        return ["unet"]
+    base.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    if not cfg.train_text_encoder:
+        return ["unet"]
+    base.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    return ["unet", "text_encoder"]
+
+
+def _expert_info(p: PreparedSubject, result: LoopResult, weights: list[str], wall_time_s: float,
+                 extra_stats: dict | None) -> ExpertInfo:
+    history = result.history
+    return ExpertInfo(
+        subject_id=p.subject.subject_id,
+        class_noun=p.subject.class_noun,
+        identifier=p.identifier,
+        instance_prompt=p.instance_prompt,
+        method=p.cfg.method,
+        base_model=p.base.describe,
+        config=to_dict(p.cfg),
+        code_version=code_version(),
+        input_hash=p.subject.input_hash(),
+        num_images=len(p.subject.images),
+        final_loss=result.final_loss,
+        wall_time_s=round(wall_time_s, 3),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        weights=weights,
+        class_images=p.class_images,
+        tenant=p.subject.tenant,
+        source=p.subject.source,
+        train_stats={
+            "steps": result.final_step,
+            "resumed_from": result.resumed_from,
+            "step_time_s": round(result.step_time_s, 3),
+            "loss_first": history[0]["loss"] if history else None,
+            "device": str(p.device),
+            "precision": str(p.autocast_dtype).replace("torch.", "") if p.autocast_dtype else "fp32",
+            **(extra_stats or {}),
+        },
+    )

@@ -74,7 +74,7 @@ class _Setup:
 def _setup_solo(p: PreparedSubject, work: Path, o: FitOptions) -> _Setup:
     setup_trainable(p)
     objective = DreamBoothObjective.from_prepared(p, rank=o.dist.rank)
-    settings = loop_settings(p.cfg, p, progress=o.progress and o.dist.is_main)
+    settings = loop_settings(p, progress=o.progress and o.dist.is_main)
     engine = build_engine(objective, settings, o.dist, o.zero_stage, o.offload)
     write = o.dist.is_main  # every rank renders (ZeRO-3 forwards are collective); rank 0 writes
     return _Setup(objective, settings, engine, lambda step: save_validation_grid(p, work, step, write=write),

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from dreamfleet.core.artifacts import atomic_dir, read_json, write_json
 from dreamfleet.core.errors import ConfigError
+from dreamfleet.trainers.config import LoopConfig, OptimizerConfig
 
 log = logging.getLogger("dreamfleet")
 
@@ -52,20 +53,12 @@ class Objective(Protocol):
 
 @dataclass
 class LoopSettings:
-    steps: int
-    learning_rate: float
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    """The loop's two config sections, taken as they are (a trainer's config is both), and
+    what the trainer resolved for this run: precision, device, how to show progress."""
+
+    optimizer: OptimizerConfig
+    loop: LoopConfig
     autocast_dtype: torch.dtype | None = None
-    checkpoint_every: int = 0
-    checkpoints_total_limit: int = 2
-    validation_every: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
     description: str = "training"
@@ -150,13 +143,13 @@ class LocalEngine:
 
     def clip_gradients(self) -> dict[str, float]:
         """Clip the gradients to ``max_grad_norm`` (one global norm); returns the norm before clipping."""
-        return {"grad_norm": float(torch.nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm))}
+        return {"grad_norm": float(torch.nn.utils.clip_grad_norm_(self.params, self.s.optimizer.max_grad_norm))}
 
     def step(self) -> dict[str, float]:
         out = {}
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.s.max_grad_norm > 0:
+        if self.s.optimizer.max_grad_norm > 0:
             out.update(self.clip_gradients())
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -189,13 +182,13 @@ class LocalEngine:
 
 def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
     # foreach on CPU, fused on CUDA: both are the same AdamW maths, fewer kernel launches.
-    fused = s.device.type == "cuda"
+    fused, o = s.device.type == "cuda", s.optimizer
     return torch.optim.AdamW(
         params,
-        lr=s.learning_rate,
-        betas=(s.adam_beta1, s.adam_beta2),
-        weight_decay=s.adam_weight_decay,
-        eps=s.adam_epsilon,
+        lr=o.learning_rate,
+        betas=(o.adam_beta1, o.adam_beta2),
+        weight_decay=o.adam_weight_decay,
+        eps=o.adam_epsilon,
         **({"fused": True} if fused else {"foreach": True}),
     )
 
@@ -204,7 +197,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, s: LoopSettings):
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
-        s.lr_scheduler, optimizer=optimizer, num_warmup_steps=s.lr_warmup_steps, num_training_steps=s.steps
+        s.optimizer.lr_scheduler, optimizer=optimizer, num_warmup_steps=s.optimizer.lr_warmup_steps,
+        num_training_steps=s.loop.steps,
     )
 
 
@@ -312,7 +306,7 @@ def run_loop(
     config: dict[str, Any] | None = None,
     allow_config_change: bool = False,
 ) -> LoopResult:
-    """Train ``objective`` for ``s.steps`` optimizer steps, resuming from the newest
+    """Train ``objective`` for ``s.loop.steps`` optimizer steps, resuming from the newest
     checkpoint in ``checkpoint_dir`` if there is one.
 
     ``engine`` defaults to a :class:`LocalEngine`; ``is_main`` is False on the other ranks
@@ -322,24 +316,11 @@ def run_loop(
     """
     hooks = hooks or LoopHooks()
     engine = engine or LocalEngine(objective, s)
-
-    start, history, resumed_from = 0, [], None
-    for step_no, path in reversed(list_checkpoints(checkpoint_dir)):
-        check_resume_config(path, config, allow_change=allow_config_change)
-        try:
-            start, history = load_checkpoint(path, engine)
-        except Exception as e:  # an unreadable checkpoint: fall back to the one before it
-            log.warning("%s: checkpoint %s is unreadable (%s: %s); trying an older one",
-                        s.description, path, type(e).__name__, e)
-            continue
-        resumed_from = step_no
-        log.info("resuming %s from checkpoint step %d (%s)", s.description, start, path)
-        break
-
+    start, history, resumed_from = _resume(checkpoint_dir, engine, config, allow_config_change, s.description)
     t0 = time.perf_counter()
     step_time = 0.0
     progress = _progress(s, start) if is_main else None
-    for step in range(start, s.steps):
+    for step in range(start, s.loop.steps):
         if hooks.should_stop is not None and hooks.should_stop():
             break
         t_step = time.perf_counter()
@@ -352,17 +333,17 @@ def run_loop(
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         if hooks.on_step is not None:
             hooks.on_step(done, metrics)
-        if checkpoint_dir is not None and s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+        if checkpoint_dir is not None and _due(done, s.loop.checkpoint_every, s.loop.steps):
             path = save_checkpoint(checkpoint_dir, done, engine, history, is_main=is_main, config=config)
-            prune_checkpoints(checkpoint_dir, s.checkpoints_total_limit)
+            prune_checkpoints(checkpoint_dir, s.loop.checkpoints_total_limit)
             if hooks.on_checkpoint is not None:
                 hooks.on_checkpoint(done, path)
-        if hooks.on_validation is not None and s.validation_every and done % s.validation_every == 0 and done < s.steps:
+        if hooks.on_validation is not None and _due(done, s.loop.validation_every, s.loop.steps):
             hooks.on_validation(done)
     if progress is not None:
         progress.close()
     final_step = history[-1]["step"] if history else start
-    if hooks.on_validation is not None and final_step == s.steps:
+    if hooks.on_validation is not None and final_step == s.loop.steps:
         hooks.on_validation(final_step)
     return LoopResult(
         final_step=int(final_step),
@@ -373,14 +354,35 @@ def run_loop(
     )
 
 
+def _resume(checkpoint_dir: Path | None, engine: Engine, config: dict[str, Any] | None, allow_change: bool,
+            what: str) -> tuple[int, list[dict], int | None]:
+    """(start step, loss history, checkpoint step) of the newest readable checkpoint, or a fresh start."""
+    for step_no, path in reversed(list_checkpoints(checkpoint_dir)):
+        check_resume_config(path, config, allow_change=allow_change)
+        try:
+            start, history = load_checkpoint(path, engine)
+        except Exception as e:  # an unreadable checkpoint: fall back to the one before it
+            log.warning("%s: checkpoint %s is unreadable (%s: %s); trying an older one", what, path, type(e).__name__, e)
+            continue
+        log.info("resuming %s from checkpoint step %d (%s)", what, start, path)
+        return start, history, step_no
+    return 0, [], None
+
+
+def _due(done: int, every: int, steps: int) -> bool:
+    """Whether a periodic checkpoint or validation falls after step ``done`` (the last step has its own)."""
+    return bool(every) and done % every == 0 and done < steps
+
+
 def _optimizer_step(objective: Objective, s: LoopSettings, step: int, engine: Engine) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for micro in range(s.gradient_accumulation_steps):
+    accumulate = s.loop.gradient_accumulation_steps
+    for micro in range(accumulate):
         with autocast(s.device, s.autocast_dtype):
             loss, metrics = objective.loss(step, micro)
-        engine.backward(loss / s.gradient_accumulation_steps)
+        engine.backward(loss / accumulate)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / s.gradient_accumulation_steps
+            totals[k] = totals.get(k, 0.0) + float(v) / accumulate
     totals.update(engine.step())
     if not math.isfinite(totals.get("loss", 0.0)):
         raise FloatingPointError(f"loss became {totals['loss']} at step {step + 1}; lower the learning rate")
@@ -392,4 +394,4 @@ def _progress(s: LoopSettings, start: int) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=s.steps, initial=start, desc=s.description, unit="step", dynamic_ncols=True, leave=False)
+    return tqdm(total=s.loop.steps, initial=start, desc=s.description, unit="step", dynamic_ncols=True, leave=False)

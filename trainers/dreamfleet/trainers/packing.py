@@ -200,7 +200,7 @@ class PackedEngine(LocalEngine):
         # As clip_grad_norm_: the norm of the per-tensor norms, here one per subject.
         norms_ps = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
         norm_s = torch.linalg.vector_norm(norms_ps, dim=0)
-        coef_s = (self.s.max_grad_norm / (norm_s + 1e-6)).clamp(max=1.0)
+        coef_s = (self.s.optimizer.max_grad_norm / (norm_s + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef_s.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
         return {f"{sid}/grad_norm": v for sid, v in zip(self.subject_ids, norm_s.tolist(), strict=True)}
@@ -269,7 +269,7 @@ def packed_objective(prepared: Sequence[PreparedSubject], packed: PackedLoRA) ->
 
 
 def packed_loop_settings(prepared: Sequence[PreparedSubject], *, progress: bool = True) -> LoopSettings:
-    s = loop_settings(prepared[0].cfg, prepared[0], progress=progress)
+    s = loop_settings(prepared[0], progress=progress)
     return dataclasses.replace(s, description=f"packed dreambooth x{len(prepared)}")
 
 

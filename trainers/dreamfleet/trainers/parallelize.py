@@ -61,6 +61,16 @@ class DistContext:
             tdist.barrier()
 
 
+def gather_pids(dist: DistContext) -> list[int]:
+    if dist.world_size == 1:
+        return [os.getpid()]
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(out, os.getpid())
+    return [int(x) for x in out]
+
+
 # --------------------------------------------------------------------------- engines
 
 
@@ -89,17 +99,17 @@ class DeepSpeedEngine:
 
         if getattr(objective.cfg, "train_text_encoder", False):
             raise ConfigError("train_text_encoder is not supported with DeepSpeed ZeRO here; use --zero-stage 0")
-        self.objective, self.s = objective, s
+        self.objective, self.s, o = objective, s, s.optimizer
         params = [p for p in objective.unet.parameters() if p.requires_grad]
         ds_config = {
             "train_micro_batch_size_per_gpu": objective.cfg.batch_size,
-            "gradient_accumulation_steps": s.gradient_accumulation_steps,
-            "gradient_clipping": s.max_grad_norm,
+            "gradient_accumulation_steps": s.loop.gradient_accumulation_steps,
+            "gradient_clipping": s.optimizer.max_grad_norm,
             "zero_optimization": {"stage": stage},
             "optimizer": {
                 "type": "AdamW",
-                "params": {"lr": s.learning_rate, "betas": [s.adam_beta1, s.adam_beta2], "eps": s.adam_epsilon,
-                           "weight_decay": s.adam_weight_decay, **({} if offload else {"torch_adam": True})},
+                "params": {"lr": o.learning_rate, "betas": [o.adam_beta1, o.adam_beta2], "eps": o.adam_epsilon,
+                           "weight_decay": o.adam_weight_decay, **({} if offload else {"torch_adam": True})},
             },
             "bf16": {"enabled": s.autocast_dtype == torch.bfloat16},
             "fp16": {"enabled": s.autocast_dtype == torch.float16},
@@ -124,7 +134,7 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
         self._micro += 1
-        if self._micro < self.s.gradient_accumulation_steps:
+        if self._micro < self.s.loop.gradient_accumulation_steps:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
 
     def step(self) -> dict[str, float]:

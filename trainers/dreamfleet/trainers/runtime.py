@@ -12,7 +12,8 @@ optional CPU offload) and keeps its own checkpoints, failures and metrics:
   restarted driver resumes the subject from its last checkpoint, not from step 0;
 - rank 0 publishes the finished expert to the registry (consolidated full weights under ZeRO-3).
 
-Nothing here imports the control plane: the queue is reached through its actor handle.
+Nothing here imports the control plane: the queue is reached through its actor handle, and
+progress goes to the tracker the control plane passes in (``GroupConfig.tracker``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +35,11 @@ from dreamfleet.core.hashing import sha256_json
 from dreamfleet.core.models import load_base
 from dreamfleet.registry.store import now
 from dreamfleet.trainers.class_images import ClassImageCache
-from dreamfleet.trainers.config import TrainConfig, subject_config
-from dreamfleet.trainers.dreambooth import (
-    SubjectData,
-    prepare_subject,
-)
+from dreamfleet.trainers.config import TrainConfig
+from dreamfleet.trainers.dreambooth import SubjectData, prepare_subject
 from dreamfleet.trainers.fit import FitOptions, fit
 from dreamfleet.trainers.loop import LoopHooks
-from dreamfleet.trainers.parallelize import DistContext
-from dreamfleet.trainers.progress import StateTracker, gather_pids
+from dreamfleet.trainers.parallelize import DistContext, gather_pids
 
 log = logging.getLogger("dreamfleet")
 
@@ -60,12 +58,19 @@ class GroupConfig:
     manifest: str
     registry: str
     base_model: str
-    train_config: dict[str, Any]
+    configs: dict[str, TrainConfig]  # each subject's, resolved on the driver
+    # The progress hook from the control plane: tracker(registry, subject_id, dist, every_s,
+    # steps_executed) has on_step(step, metrics), flush(force=, **state), steps_executed, last_loss.
+    tracker: Callable[..., Any]
     zero_stage: int = 0
     offload: bool = False
     class_cache: str | None = None
     state_every_s: float = 1.0
     pack: int = 1
+
+    def as_loop_config(self) -> dict[str, Any]:
+        """``train_loop_config`` for Ray Train: the fields as they are (configs stay TrainConfig objects)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def fanout_worker(config: dict[str, Any]) -> None:
@@ -83,7 +88,7 @@ def fanout_worker(config: dict[str, Any]) -> None:
     registry = Registry(gc.registry)
     manifest = Manifest.open(gc.manifest)
     if gc.pack > 1:  # one worker (checked by FanoutConfig): lease up to `pack` subjects, train them packed
-        while leases := _lease_many(queue, gc.group, gc.pack):
+        while leases := [tuple(x) for x in ray.get(queue.lease_many.remote(gc.group, gc.pack))]:
             _train_pack(gc, queue, registry, manifest, leases)
         return
     while True:
@@ -94,12 +99,6 @@ def fanout_worker(config: dict[str, Any]) -> None:
         subject_id, attempt = lease
         _train_leased(gc, dist, queue, registry, manifest, subject_id, attempt)
         dist.barrier()
-
-
-def _lease_many(queue, group: int, n: int) -> list[tuple[str, int]]:
-    import ray
-
-    return [tuple(lease) for lease in ray.get(queue.lease_many.remote(group, n))]
 
 
 def _train_pack(gc: GroupConfig, queue, registry, manifest, leases: list[tuple[str, int]]) -> None:
@@ -148,7 +147,7 @@ def _run_pack(gc: GroupConfig, queue, registry, ready: list[tuple[int, Any]], t0
                               attempts=attempt, error=None, class_noun=p.subject.class_noun, tenant=p.subject.tenant,
                               worker={"group": gc.group, "node": socket.gethostname(), "pids": [os.getpid()],
                                       "packed_with": ids})
-    trackers = [StateTracker(registry, sid, DistContext(), gc.state_every_s, 0) for sid in ids]
+    trackers = [gc.tracker(registry, sid, DistContext(), gc.state_every_s, 0) for sid in ids]
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         for sid, tracker in zip(ids, trackers, strict=True):
@@ -185,7 +184,7 @@ def _prepare_leased(gc: GroupConfig, manifest, subject_id: str, base):
     subject = SubjectData(subject_id, record.class_noun, images, identifier=record.identifier,
                           tenant=record.tenant, source=f"{gc.manifest}#{subject_id}")
     cache = ClassImageCache(gc.class_cache) if gc.class_cache else None
-    return prepare_subject(subject, base, subject_config(gc.train_config, record), class_cache=cache)
+    return prepare_subject(subject, base, gc.configs[subject_id], class_cache=cache)
 
 
 def _prepare_on_all_ranks(gc: GroupConfig, dist: DistContext, queue, manifest, subject_id: str):
@@ -238,7 +237,7 @@ def _announce(gc: GroupConfig, dist: DistContext, registry, p, attempt: int, key
     return steps_executed
 
 
-def _checkpoint_reporter(dist: DistContext, subject_id: str, key: str, tracker: StateTracker):
+def _checkpoint_reporter(dist: DistContext, subject_id: str, key: str, tracker):
     """The loop's ``on_checkpoint``: report the checkpoint to Ray Train, which persists it under
     the registry's checkpoint storage, and record where in the subject's registry state."""
     import ray.train
@@ -271,7 +270,7 @@ def _train_leased(gc: GroupConfig, dist: DistContext, queue, registry, manifest,
                           offload=gc.offload, progress=False)
         opts.checkpoint_dir.mkdir()
         state, resumed = _restore_checkpoint(registry, subject_id, key, opts.checkpoint_dir)
-        tracker = StateTracker(registry, subject_id, dist,
+        tracker = gc.tracker(registry, subject_id, dist,
                                gc.state_every_s, _announce(gc, dist, registry, p, attempt, key, state, resumed))
         hooks = LoopHooks(on_step=tracker.on_step, on_checkpoint=_checkpoint_reporter(dist, subject_id, key, tracker))
         stats = {"attempt": attempt, "world_size": dist.world_size, "zero_stage": gc.zero_stage, "run_id": gc.run_id}

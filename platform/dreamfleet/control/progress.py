@@ -1,29 +1,18 @@
-"""A fan-out subject's progress in the registry: rank 0 writes its step, losses and how many
-steps were executed (resumes included), at most every few seconds; the ranks' PIDs."""
+"""A fan-out subject's progress in the registry, the hook the control plane gives the workers:
+rank 0 writes its step, losses and how many steps were executed (resumes included), at most
+every few seconds. The fan-out passes :class:`StateTracker` to its worker groups
+(``GroupConfig.tracker``); the trainers call it without knowing where progress goes."""
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
-
-from dreamfleet.trainers.parallelize import DistContext
-
-
-def gather_pids(dist: DistContext) -> list[int]:
-    if dist.world_size == 1:
-        return [os.getpid()]
-    import torch.distributed as tdist
-
-    out: list[Any] = [None] * dist.world_size
-    tdist.all_gather_object(out, os.getpid())
-    return [int(x) for x in out]
 
 
 class StateTracker:
     """Rank 0 writes step and loss to the registry, at most every ``every_s`` seconds."""
 
-    def __init__(self, registry, subject_id: str, dist: DistContext, every_s: float, steps_executed: int):
+    def __init__(self, registry, subject_id: str, dist, every_s: float, steps_executed: int):
         self.registry, self.subject_id, self.dist, self.every_s = registry, subject_id, dist, every_s
         self.steps_executed = steps_executed
         self.last: dict[str, float] = {}

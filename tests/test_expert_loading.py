@@ -72,3 +72,18 @@ def test_gather_renders_what_plain_diffusers_renders(expert):
     for row, ref in zip(rows, want, strict=True):
         got = np.asarray(Image.open(io.BytesIO(row["target_png"])).convert("RGB"), dtype=np.int16)
         assert np.abs(got - ref).max() <= 1, row["prompt"]
+
+
+def test_the_engine_loads_an_active_expert_once(expert):
+    """A replica loads the expert through multiplexing, then ``generate`` asks for it again: that
+    second ask is a use, not a load (no host-cache load counted, no swap time)."""
+    from dreamfleet.serving.engine import ExpertEngine, GenItem
+
+    engine = ExpertEngine(str(expert["reg"].uri))
+    engine.load("tex", "v0001")
+    engine.generate("tex", "v0001", [GenItem(expert["info"].instance_prompt, 1, 1, 7.5, 0, 64, 64)])
+    stats = engine.stats
+    assert (stats.loads_disk, stats.loads_host, len(stats.swap_s), stats.generations) == (1, 0, 1, 1)
+    engine.evict("tex", "v0001")
+    engine.load("tex", "v0001")  # back from the host cache: a real load again
+    assert (stats.loads_disk, stats.loads_host, len(stats.swap_s), stats.evictions) == (1, 1, 2, 1)

@@ -87,6 +87,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from dreamfleet.core.devices import resolve_device
     from dreamfleet.core.errors import ConfigError
     from dreamfleet.core.images import image_grid, open_image
 
@@ -94,7 +95,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ConfigError("give either --demos (zero-shot, with --apprentice) or --subject (with --registry)")
     if not 1 <= args.num_images <= 64:
         raise ConfigError("--num-images must be in 1..64")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     gens = [torch.Generator("cpu").manual_seed(args.seed + j) for j in range(args.num_images)]
     if args.demos is not None:

@@ -118,12 +118,13 @@ class ExpertRenderer:
     def __init__(self, cfg_dict: dict[str, Any], registry_uri: str):
         import torch
 
+        from dreamfleet.core.devices import resolve_device
         from dreamfleet.eval.fidelity import make_fidelity
         from dreamfleet.registry import Registry
 
         self.c = from_dict(GatherConfig, cfg_dict)
         torch.set_num_threads(max(1, int(self.c.cpus_per_actor)))  # Ray sets OMP_NUM_THREADS=1
-        self.device = "cuda" if self.c.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.device = str(resolve_device("auto" if self.c.gpus_per_actor > 0 else "cpu"))
         self.registry = Registry(registry_uri, create=False)
         self.scorer = make_fidelity(self.c.scorer, dino_model=self.c.dino_model, clip_model=self.c.clip_model,
                                     device=self.device)

@@ -9,411 +9,81 @@ A request for subject S goes to the ``ExpertModel`` deployment with multiplexed 
 ``S@<version>``; Ray Serve prefers a replica that already holds it. Each replica keeps an
 LRU of loaded experts (``@serve.multiplexed``) over one base pipeline, and batches requests
 for the same expert that arrive together (``@serve.batch``).
+
+Where things are: the model deployments in :mod:`dreamfleet.serving.deployments`, what the
+ingress does for each route in :class:`dreamfleet.serving.gateway.Gateway`, the request
+bodies in :mod:`dreamfleet.serving.schemas`; this module only puts them together.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request models, which
 # are built at run time from the config, as real classes, not as strings.
-import asyncio
-import base64
-import io
-import logging
-import secrets
-import time
-import uuid
-from typing import Any
-
-from dreamfleet.core.config import from_dict, to_dict
-from dreamfleet.core.expert import ExpertKey
+from dreamfleet.core.config import to_dict
 from dreamfleet.serving.config import ServeConfig
 
-log = logging.getLogger("dreamfleet.serving")
 
+def body_limit(max_body_bytes: int):
+    """HTTP middleware: 422 for a request whose declared body is over ``max_body_bytes``."""
+    from fastapi.responses import JSONResponse
 
-def _png_b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    async def limit_body(request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > max_body_bytes:
+            return JSONResponse(status_code=422, content={"detail": [{
+                "loc": ["body"], "type": "too_large",
+                "msg": f"request body is {length} bytes, over the limit of {max_body_bytes}"}]})
+        return await call_next(request)
 
-
-def _replica_setup(cfg_dict: dict[str, Any]) -> tuple[ServeConfig, str]:
-    """A model replica's config and id. Ray starts actors with OMP_NUM_THREADS=1 (or their CPU
-    reservation): torch gets the CPUs this replica may use, else CPU generation runs on one core."""
-    import os
-
-    import torch
-    from ray import serve
-
-    c = from_dict(ServeConfig, cfg_dict)
-    torch.set_num_threads(max(1, int(c.cpus_per_replica) or os.cpu_count() or 1))
-    try:
-        replica = serve.get_replica_context().replica_id.unique_id
-    except Exception:  # outside a replica (a direct call in a test)
-        replica = uuid.uuid4().hex[:8]
-    return c, replica
-
-
-class _Loaded:
-    """What the multiplexing LRU holds; eviction unloads the expert from the device."""
-
-    def __init__(self, engine, subject_id: str, version: str):
-        self.engine, self.subject_id, self.version = engine, subject_id, version
-        self._evicted = False
-
-    def __del__(self) -> None:
-        if not self._evicted:
-            self._evicted = True
-            self.engine.evict(self.subject_id, self.version)
+    return limit_body
 
 
 def build_app(cfg: ServeConfig):
     """The bound Serve application for ``serve.run``."""
-    from fastapi import FastAPI, Header, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from fastapi import FastAPI, Header
     from ray import serve
 
+    from dreamfleet.serving.deployments import ApprenticeModel, ExpertModel
+    from dreamfleet.serving.gateway import Gateway
     from dreamfleet.serving.schemas import request_models
 
     GenerateRequest, OpenAIImageRequest = request_models(cfg)
     app = FastAPI(title="dreamfleet", description="Generate images of your subjects with their DreamBooth experts.")
+    app.middleware("http")(body_limit(cfg.max_body_bytes))
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > cfg.max_body_bytes:
-            return JSONResponse(status_code=422, content={"detail": [{
-                "loc": ["body"], "type": "too_large",
-                "msg": f"request body is {length} bytes, over the limit of {cfg.max_body_bytes}"}]})
-        return await call_next(request)
-
-    @serve.deployment(
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-        max_ongoing_requests=64,
-    )
-    class ExpertModel:
-        def __init__(self, cfg_dict: dict[str, Any]):
-            from dreamfleet.serving.engine import ExpertEngine
-
-            self.cfg, self.replica = _replica_setup(cfg_dict)
-            self.engine = ExpertEngine(self.cfg.registry, host_cache_size=self.cfg.host_cache_size)
-
-        @serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)
-        async def get_model(self, model_id: str) -> _Loaded:
-            key = ExpertKey.parse(model_id)
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.load, *key)
-            return _Loaded(self.engine, *key)
-
-        async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
-            model_id = serve.get_multiplexed_model_id()
-            key = ExpertKey.parse(model_id)
-            cache = "hit" if key in self.engine.active else ("host" if key in self.engine.host else "disk")
-            await self.get_model(model_id)
-            images = await self._batched({**item, "model_id": model_id})
-            return {"images": images, "cache": cache, "replica": self.replica,
-                    "stats": self.engine.stats.as_dict(), "loaded": self.engine.loaded()}
-
-        @serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_s)
-        async def _batched(self, items: list[dict[str, Any]]) -> list[Any]:
-            from dreamfleet.serving.engine import GenItem
-
-            results: list[Any] = [None] * len(items)
-            by_model: dict[str, list[int]] = {}
-            for i, it in enumerate(items):
-                by_model.setdefault(it["model_id"], []).append(i)
-            loop = asyncio.get_running_loop()
-            for model_id, idx in by_model.items():
-                key = ExpertKey.parse(model_id)
-                gen_items = [GenItem(**{k: v for k, v in items[i].items() if k != "model_id"}) for i in idx]
-                try:
-                    images = await loop.run_in_executor(None, self.engine.generate, *key, gen_items)
-                    for i, imgs in zip(idx, images, strict=True):
-                        results[i] = [_png_b64(im) for im in imgs]
-                except Exception as e:  # one expert's failure does not fail the others in the batch
-                    log.exception("generation failed for %s", model_id)
-                    for i in idx:
-                        results[i] = e
-            return results
-
-        async def stats(self) -> dict[str, Any]:
-            return {"replica": self.replica, "stats": self.engine.stats.as_dict(), "loaded": self.engine.loaded()}
-
-    @serve.deployment(
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-        max_ongoing_requests=64,
-    )
-    class ApprenticeModel:
-        """The zero-shot apprentice: requests with demonstrations instead of a subject."""
-
-        def __init__(self, cfg_dict: dict[str, Any]):
-            from dreamfleet.serving.apprentice import ApprenticeEngine
-
-            self.cfg, self.replica = _replica_setup(cfg_dict)
-            self.engine = ApprenticeEngine(self.cfg.apprentice)
-
-        async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
-            from dreamfleet.serving.apprentice import png_bytes
-
-            demos = item.pop("demonstrations")
-            images = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.engine.generate(demos, **item))
-            return {"images": [base64.b64encode(png_bytes(im)).decode() for im in images], "cache": "apprentice",
-                    "replica": self.replica, "stats": self.engine.stats.as_dict(), "loaded": ["apprentice"]}
-
+    # This shim stays in the factory: FastAPI reads each route's body type from its signature,
+    # and the request models are built from the config (their bounds). All logic is Gateway's.
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
     @serve.ingress(app)
-    class Ingress:
-        def __init__(self, model, apprentice, cfg_dict: dict[str, Any]):
-            from dreamfleet.registry import Registry
-            from dreamfleet.serving.auth import KeyStore, default_keys_path
-            from dreamfleet.serving.metrics import ServingMetrics
-
-            self.cfg = from_dict(ServeConfig, cfg_dict)
-            self.model = model
-            self.apprentice = apprentice
-            self.apprentice_info = None
-            if self.cfg.apprentice:
-                from dreamfleet.core.apprentice import ApprenticeInfo
-
-                self.apprentice_info = ApprenticeInfo.read(self.cfg.apprentice)
-            self.registry = Registry(self.cfg.registry, create=False)
-            self.keys = KeyStore(self.cfg.keys or default_keys_path(self.cfg.registry))
-            self.metrics = ServingMetrics()
-            self._latest: dict[str, tuple[float, str | None]] = {}
-            self._infos: dict[tuple[str, str], Any] = {}
-
-        # -------------------------------------------------------------- helpers
-
-        def _caller(self, authorization: str | None):
-            from fastapi import HTTPException
-
-            from dreamfleet.serving.auth import ANONYMOUS_ADMIN
-
-            if not self.keys.enabled:
-                return ANONYMOUS_ADMIN
-            token = authorization.split(" ", 1)[1].strip() if authorization and authorization.lower().startswith("bearer ") else None
-            caller = self.keys.authenticate(token)
-            if caller is None:
-                raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                                    headers={"WWW-Authenticate": "Bearer"})
-            return caller
-
-        def _latest_version(self, subject_id: str) -> str | None:
-            now = time.monotonic()
-            hit = self._latest.get(subject_id)
-            if hit is None or now - hit[0] > self.cfg.registry_ttl_s:
-                try:
-                    version = self.registry.latest(subject_id)
-                except Exception:
-                    version = None
-                self._latest[subject_id] = (now, version)
-            return self._latest[subject_id][1]
-
-        def _info(self, subject_id: str, version: str):
-            key = (subject_id, version)
-            if key not in self._infos:
-                self._infos[key] = self.registry.expert_info(subject_id, version)
-            return self._infos[key]
-
-        def _resolve(self, caller, subject_id: str, version: str | None, field: str = "subject"):
-            """The expert, or 404 for unknown subjects and other tenants' subjects alike."""
-            from fastapi import HTTPException
-
-            not_found = HTTPException(404, detail=[{"loc": ["body", field], "type": "not_found",
-                                                    "msg": f"unknown subject {subject_id!r}"}])
-            try:
-                from dreamfleet.core.ids import validate_subject_id
-
-                validate_subject_id(subject_id)
-                v = version or self._latest_version(subject_id)
-                if v is None or (version and version not in self.registry.versions(subject_id)):
-                    raise not_found
-                info = self._info(subject_id, v)
-            except HTTPException:
-                raise
-            except Exception:
-                raise not_found from None
-            if not caller.may_use(info.tenant):
-                raise not_found
-            return info, v
-
-        def _check_prompt(self, base_spec: str, prompt: str) -> None:
-            """422 for a prompt longer than the base model's text encoder takes."""
-            from fastapi import HTTPException
-
-            from dreamfleet.core.models import load_tokenizer
-
-            tok = load_tokenizer(base_spec)
-            n = len(tok(prompt).input_ids)
-            if n > tok.model_max_length:
-                raise HTTPException(422, detail=[{"loc": ["body", "prompt"], "type": "too_long",
-                                                  "msg": f"prompt is {n} tokens, over the limit of {tok.model_max_length}"}])
-
-        async def _run(self, info, version, prompt, n, steps, guidance, seed, width, height, route):
-            rid = uuid.uuid4().hex[:16]
-            item = {"prompt": prompt, "num_images": n, "steps": steps, "guidance_scale": guidance,
-                    "seed": seed, "width": width, "height": height}
-            try:
-                handle = self.model.options(multiplexed_model_id=str(ExpertKey(info.subject_id, version)))
-                reply = await handle.generate.remote(item)
-                images = reply["images"]
-                if isinstance(images, Exception):
-                    raise images
-            except Exception:
-                log.exception("request %s failed", rid)
-                self.metrics.failure(route)
-                return None, rid, JSONResponse(status_code=500, headers={"X-Dreamfleet-Request-ID": rid}, content={
-                    "error": "generation failed inside the model; the server is still up", "request_id": rid})
-            self.metrics.generation(reply, len(images))
-            return images, rid, None
-
-        def _size(self, info, width, height):
-            native = int(info.base_model.get("resolution") or self.cfg.min_side)
-            side = min(max(native, self.cfg.min_side), self.cfg.max_side)
-            return width or side, height or side
-
-        # -------------------------------------------------------------- routes
-
-        def _demonstrations(self, body) -> list[bytes]:
-            """Decoded demonstration bytes, or 422 naming the one that is bad."""
-            from fastapi import HTTPException
-
-            from dreamfleet.core.errors import DataError
-            from dreamfleet.core.images import decode_image
-
-            out = []
-            for i, b64 in enumerate(body.demonstrations):
-                loc = ["body", "demonstrations", i]
-
-                def bad(kind: str, msg: str, loc=loc):
-                    return HTTPException(422, detail=[{"loc": loc, "type": kind, "msg": msg}])
-
-                try:
-                    data = base64.b64decode(b64, validate=True)
-                except (ValueError, TypeError):
-                    raise bad("not_base64", "not valid base64") from None
-                if len(data) > self.cfg.max_demo_bytes:
-                    raise bad("too_large", f"demonstration is {len(data)} bytes, over the limit of {self.cfg.max_demo_bytes}")
-                try:
-                    img = decode_image(data, name=f"demonstrations[{i}]")
-                except DataError as e:
-                    raise bad("not_an_image", str(e)) from None
-                if max(img.size) > self.cfg.max_demo_side:
-                    raise bad("too_large", f"demonstration is {img.size[0]}x{img.size[1]} px, over the limit of "
-                                           f"{self.cfg.max_demo_side} px a side")
-                out.append(data)
-            return out
-
-        async def _generate_zero_shot(self, body, t0):
-            from fastapi import HTTPException
-
-            from dreamfleet.core.apprentice import fill_prompt
-
-            if self.apprentice is None:
-                raise HTTPException(422, detail=[{"loc": ["body", "demonstrations"], "type": "no_apprentice",
-                                                  "msg": "this server has no apprentice; ask for a 'subject', or start "
-                                                         "the server with --apprentice DIR"}])
-            info = self.apprentice_info
-            demos = self._demonstrations(body)
-            prompt = fill_prompt(body.prompt, info.identifier, body.class_noun)
-            self._check_prompt(info.base_model["spec"], prompt)
-            width, height = self._size(info, body.width, body.height)
-            seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-            rid = uuid.uuid4().hex[:16]
-            item = {"demonstrations": demos, "prompt": body.prompt, "class_noun": body.class_noun,
-                    "num_images": body.num_images, "steps": body.steps, "guidance_scale": body.guidance_scale,
-                    "seed": seed, "width": width, "height": height}
-            try:
-                reply = await self.apprentice.generate.remote(item)
-            except Exception:
-                log.exception("request %s failed", rid)
-                self.metrics.failure("generate")
-                return JSONResponse(status_code=500, headers={"X-Dreamfleet-Request-ID": rid}, content={
-                    "error": "generation failed inside the model; the server is still up", "request_id": rid})
-            self.metrics.generation(reply, len(reply["images"]))
-            self.metrics.observe("generate", time.perf_counter() - t0)
-            return JSONResponse(headers={"X-Dreamfleet-Request-ID": rid}, content={
-                "images": reply["images"], "subject": None, "apprentice": info.identifier,
-                "demonstrations": len(demos), "seed": seed, "prompt": prompt, "width": width, "height": height,
-                "request_id": rid})
-
+    class Ingress(Gateway):
         @app.post("/v1/generate")
         async def generate(self, body: GenerateRequest, authorization: str | None = Header(None)):
-            t0 = time.perf_counter()
-            caller = self._caller(authorization)
-            if body.demonstrations is not None:
-                return await self._generate_zero_shot(body, t0)  # any valid key: no tenant's data
-            info, version = self._resolve(caller, body.subject, body.version)
-            prompt = info.prompt(body.prompt)
-            self._check_prompt(info.base_model["spec"], prompt)
-            width, height = self._size(info, body.width, body.height)
-            seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-            images, rid, error = await self._run(info, version, prompt, body.num_images, body.steps,
-                                                 body.guidance_scale, seed, width, height, "generate")
-            if error is not None:
-                return error
-            self.metrics.observe("generate", time.perf_counter() - t0)
-            return JSONResponse(headers={"X-Dreamfleet-Request-ID": rid}, content={
-                "images": images, "subject": info.subject_id, "version": version, "seed": seed,
-                "prompt": prompt, "width": width, "height": height, "request_id": rid})
+            return await self.handle_generate(body, authorization)
 
         @app.post("/v1/images/generations")
         async def openai_generations(self, body: OpenAIImageRequest, authorization: str | None = Header(None)):
-            t0 = time.perf_counter()
-            caller = self._caller(authorization)
-            info, version = self._resolve(caller, body.model, None, field="model")
-            prompt = info.prompt(body.prompt)
-            self._check_prompt(info.base_model["spec"], prompt)
-            width, height = self._size(info, *(int(x) for x in body.size.split("x"))) if body.size else self._size(info, None, None)
-            seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-            images, _rid, error = await self._run(info, version, prompt, body.n, body.steps or self.cfg.default_steps,
-                                                 self.cfg.default_guidance_scale, seed, width, height, "openai")
-            if error is not None:
-                return error
-            self.metrics.observe("openai", time.perf_counter() - t0)
-            return {"created": int(time.time()), "data": [{"b64_json": b, "revised_prompt": prompt} for b in images]}
+            return await self.handle_openai(body, authorization)
 
         @app.get("/v1/subjects")
         async def subjects(self, authorization: str | None = Header(None)):
-            caller = self._caller(authorization)
-            out = []
-            for sid in self.registry.subjects():
-                version = self._latest_version(sid)
-                if version is None:
-                    continue
-                try:
-                    info = self._info(sid, version)
-                except Exception:
-                    continue
-                if caller.may_use(info.tenant):
-                    out.append({"subject": sid, "identifier": info.identifier, "class_noun": info.class_noun,
-                                "version": version, "method": info.method, "tenant": info.tenant,
-                                "prompt_example": f"a photo of {{subject}} on the beach -> {info.prompt('a photo of {subject} on the beach')}",
-                                "sample_url": f"/v1/subjects/{sid}/sample.png"})
-            return {"subjects": out}
+            return self.list_subjects(authorization)
 
         @app.get("/v1/subjects/{subject_id}/sample.png")
         async def sample(self, subject_id: str, authorization: str | None = Header(None)):
-            caller = self._caller(authorization)
-            _info, version = self._resolve(caller, subject_id, None)
-            folder = self.registry.fetch(subject_id, version)
-            grids = sorted((folder / "validation").glob("*.png")) or sorted((folder / "instance").glob("*.png"))
-            if not grids:
-                return Response(status_code=404)
-            return Response(content=grids[-1].read_bytes(), media_type="image/png")
+            return self.subject_sample(subject_id, authorization)
 
         @app.get("/healthz")
         async def healthz(self):
-            return {"status": "ok", "registry": self.cfg.registry, "auth": self.keys.enabled}
+            return self.health()
 
         @app.get("/metrics")
         async def metrics(self):
-            return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+            return self.metrics_text()
 
         @app.get("/v1/serving")
         async def serving_state(self, authorization: str | None = Header(None)):
             """Per-replica state for the dashboard (the same numbers as /metrics)."""
-            self._caller(authorization)
-            return self.metrics.snapshot()
+            return self.serving_snapshot(authorization)
 
-    model = ExpertModel.options(num_replicas=cfg.replicas).bind(to_dict(cfg))
-    apprentice = ApprenticeModel.bind(to_dict(cfg)) if cfg.apprentice else None
+    replica = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
+    model = ExpertModel.options(num_replicas=cfg.replicas, ray_actor_options=replica).bind(to_dict(cfg))
+    apprentice = ApprenticeModel.options(ray_actor_options=replica).bind(to_dict(cfg)) if cfg.apprentice else None
     return Ingress.bind(model, apprentice, to_dict(cfg))

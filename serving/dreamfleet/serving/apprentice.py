@@ -1,6 +1,6 @@
 """Zero-shot generation for the server: the apprentice, one loaded model per replica.
 
-Ray-free (the ``ApprenticeModel`` deployment in :mod:`dreamfleet.serving.app` wraps it).
+Ray-free (the ``ApprenticeModel`` deployment in :mod:`dreamfleet.serving.deployments` wraps it).
 Demonstrations arrive as image bytes, already checked by the ingress for count and size;
 they are decoded and normalised here like any subject photo.
 """
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from dreamfleet.core.apprentice import Apprentice, fill_prompt
+from dreamfleet.core.devices import inference_dtype, resolve_device
 from dreamfleet.core.images import decode_image
 
 
@@ -32,10 +33,8 @@ class ApprenticeStats:
 
 class ApprenticeEngine:
     def __init__(self, folder: str, *, device: str = "auto"):
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
-        dtype = torch.float16 if self.device.type == "cuda" else None
-        self.apprentice = Apprentice.load(folder, device=self.device, dtype=dtype)
+        self.device = resolve_device(device)
+        self.apprentice = Apprentice.load(folder, device=self.device, dtype=inference_dtype(self.device))
         self.pipe = self.apprentice.pipeline()
         self.lock = threading.Lock()
         self.stats = ApprenticeStats()

@@ -37,6 +37,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.max_models_per_replica < 1 or self.max_batch_size < 1:
             raise ConfigError("replicas, max_models_per_replica and max_batch_size must be at least 1")
+        if self.batch_wait_s < 0:  # the replicas set it on their batch queue (Ray checks only at decoration)
+            raise ConfigError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
         if self.min_side % 8 or self.max_side % 8 or self.min_side > self.max_side:
             raise ConfigError("min_side and max_side must be multiples of 8 with min_side <= max_side")
         if not 0 < self.port < 65536:

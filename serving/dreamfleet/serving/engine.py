@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dreamfleet.core.devices import inference_dtype, resolve_device
 from dreamfleet.core.expert import ExpertInfo, ExpertKey, ExpertWeights, expert_pipeline, read_expert
 from dreamfleet.core.models import BaseModel, load_base
 
@@ -91,9 +92,8 @@ class ExpertEngine:
         from dreamfleet.registry import Registry
 
         self.registry = Registry(registry_uri, create=False)
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.device = resolve_device(device)
+        self.dtype = inference_dtype(self.device)
         self.host_cache_size = host_cache_size
         self.bases: dict[str, BaseModel] = {}
         self.pipes: dict[str, Any] = {}  # base spec -> pipeline that owns the LoRA adapters
@@ -131,11 +131,17 @@ class ExpertEngine:
         return entry
 
     def load(self, subject_id: str, version: str) -> HostExpert:
-        """Make the expert ready on the device (adapter loaded, or UNet moved)."""
+        """Make the expert ready on the device (adapter loaded, or UNet moved).
+
+        An expert already active is a use, not a load: it only moves up the host LRU, with no
+        load counted and no swap time (a replica's multiplexing loads it, then ``generate`` asks)."""
         with self.lock:
+            key = (subject_id, version)
+            if key in self.active and key in self.host:
+                self.host.move_to_end(key)
+                return self.host[key]
             t0 = time.perf_counter()
             entry = self._host(subject_id, version)
-            key = (subject_id, version)
             if key not in self.active:
                 base = self.base(entry.info.base_model["spec"])
                 if entry.info.method == "lora":

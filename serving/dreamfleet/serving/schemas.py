@@ -12,6 +12,38 @@ from dreamfleet.serving.config import ServeConfig
 MAX_PROMPT_CHARS = 2000
 
 
+def _multiple_of_8(v: int | None) -> int | None:
+    if v is not None and v % 8:
+        raise ValueError("must be a multiple of 8")
+    return v
+
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be blank")
+    return v
+
+
+def _subject_or_demonstrations(request):
+    """A generate request names an expert or brings demonstrations, never both."""
+    if (request.subject is None) == (request.demonstrations is None):
+        raise ValueError("give exactly one of 'subject' (an expert) or 'demonstrations' (photos for the apprentice)")
+    if request.subject is not None and request.class_noun is not None:
+        raise ValueError("'class_noun' goes with 'demonstrations'; an expert knows its class")
+    return request
+
+
+def _size_within(v: str | None, min_side: int, max_side: int) -> str | None:
+    """An OpenAI ``WxH`` size whose sides are multiples of 8 within the server's bounds."""
+    if v is None:
+        return v
+    w, h = (int(x) for x in v.split("x"))
+    for side in (w, h):
+        if side % 8 or not min_side <= side <= max_side:
+            raise ValueError(f"sides must be multiples of 8 within [{min_side}, {max_side}]")
+    return v
+
+
 def request_models(cfg: ServeConfig):
     """Pydantic models whose bounds come from the server's config."""
 
@@ -34,27 +66,9 @@ def request_models(cfg: ServeConfig):
         height: int | None = Field(None, ge=cfg.min_side, le=cfg.max_side)
         version: str | None = Field(None, max_length=32)
 
-        @field_validator("width", "height")
-        @classmethod
-        def multiple_of_8(cls, v: int | None) -> int | None:
-            if v is not None and v % 8:
-                raise ValueError("must be a multiple of 8")
-            return v
-
-        @field_validator("prompt")
-        @classmethod
-        def not_blank(cls, v: str) -> str:
-            if not v.strip():
-                raise ValueError("must not be blank")
-            return v
-
-        @model_validator(mode="after")
-        def subject_or_demonstrations(self):
-            if (self.subject is None) == (self.demonstrations is None):
-                raise ValueError("give exactly one of 'subject' (an expert) or 'demonstrations' (photos for the apprentice)")
-            if self.subject is not None and self.class_noun is not None:
-                raise ValueError("'class_noun' goes with 'demonstrations'; an expert knows its class")
-            return self
+        multiple_of_8 = field_validator("width", "height")(_multiple_of_8)
+        not_blank = field_validator("prompt")(_not_blank)
+        subject_or_demonstrations = model_validator(mode="after")(_subject_or_demonstrations)
 
     class OpenAIImageRequest(BaseModel):
         model_config = ConfigDict(extra="ignore", strict=True)
@@ -70,12 +84,6 @@ def request_models(cfg: ServeConfig):
         @field_validator("size")
         @classmethod
         def size_bounds(cls, v: str | None) -> str | None:
-            if v is None:
-                return v
-            w, h = (int(x) for x in v.split("x"))
-            for side in (w, h):
-                if side % 8 or not cfg.min_side <= side <= cfg.max_side:
-                    raise ValueError(f"sides must be multiples of 8 within [{cfg.min_side}, {cfg.max_side}]")
-            return v
+            return _size_within(v, cfg.min_side, cfg.max_side)
 
     return GenerateRequest, OpenAIImageRequest

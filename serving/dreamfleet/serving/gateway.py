@@ -1,0 +1,266 @@
+"""What the HTTP ingress does for each route: authentication, tenant checks, registry look-ups,
+prompt and demonstration checks, and the calls to the model deployments.
+
+``Gateway`` is a plain class; the ``Ingress`` deployment in :func:`dreamfleet.serving.app.build_app`
+subclasses it and only declares the routes, each a call of one method here with the parsed body.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import time
+import uuid
+from typing import Any
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from dreamfleet.core.config import from_dict
+from dreamfleet.core.expert import ExpertKey
+from dreamfleet.serving.config import ServeConfig
+
+log = logging.getLogger("dreamfleet.serving")
+
+
+def _failed(rid: str) -> JSONResponse:
+    return JSONResponse(status_code=500, headers={"X-Dreamfleet-Request-ID": rid}, content={
+        "error": "generation failed inside the model; the server is still up", "request_id": rid})
+
+
+class Gateway:
+    def __init__(self, model, apprentice, cfg_dict: dict[str, Any]):
+        from dreamfleet.registry import Registry
+        from dreamfleet.serving.auth import KeyStore, default_keys_path
+        from dreamfleet.serving.metrics import ServingMetrics
+
+        self.cfg = from_dict(ServeConfig, cfg_dict)
+        self.model = model
+        self.apprentice = apprentice
+        self.apprentice_info = None
+        if self.cfg.apprentice:
+            from dreamfleet.core.apprentice import ApprenticeInfo
+
+            self.apprentice_info = ApprenticeInfo.read(self.cfg.apprentice)
+        self.registry = Registry(self.cfg.registry, create=False)
+        self.keys = KeyStore(self.cfg.keys or default_keys_path(self.cfg.registry))
+        self.metrics = ServingMetrics()
+        self._latest: dict[str, tuple[float, str | None]] = {}
+        self._infos: dict[tuple[str, str], Any] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _caller(self, authorization: str | None):
+        from dreamfleet.serving.auth import ANONYMOUS_ADMIN
+
+        if not self.keys.enabled:
+            return ANONYMOUS_ADMIN
+        token = authorization.split(" ", 1)[1].strip() if authorization and authorization.lower().startswith("bearer ") else None
+        caller = self.keys.authenticate(token)
+        if caller is None:
+            raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return caller
+
+    def _latest_version(self, subject_id: str) -> str | None:
+        now = time.monotonic()
+        hit = self._latest.get(subject_id)
+        if hit is None or now - hit[0] > self.cfg.registry_ttl_s:
+            try:
+                version = self.registry.latest(subject_id)
+            except Exception:
+                version = None
+            self._latest[subject_id] = (now, version)
+        return self._latest[subject_id][1]
+
+    def _info(self, subject_id: str, version: str):
+        key = (subject_id, version)
+        if key not in self._infos:
+            self._infos[key] = self.registry.expert_info(subject_id, version)
+        return self._infos[key]
+
+    def _resolve(self, caller, subject_id: str, version: str | None, field: str = "subject"):
+        """The expert, or 404 for unknown subjects and other tenants' subjects alike."""
+        not_found = HTTPException(404, detail=[{"loc": ["body", field], "type": "not_found",
+                                                "msg": f"unknown subject {subject_id!r}"}])
+        try:
+            from dreamfleet.core.ids import validate_subject_id
+
+            validate_subject_id(subject_id)
+            v = version or self._latest_version(subject_id)
+            if v is None or (version and version not in self.registry.versions(subject_id)):
+                raise not_found
+            info = self._info(subject_id, v)
+        except HTTPException:
+            raise
+        except Exception:
+            raise not_found from None
+        if not caller.may_use(info.tenant):
+            raise not_found
+        return info, v
+
+    def _check_prompt(self, base_spec: str, prompt: str) -> None:
+        """422 for a prompt longer than the base model's text encoder takes."""
+        from dreamfleet.core.models import load_tokenizer
+
+        tok = load_tokenizer(base_spec)
+        n = len(tok(prompt).input_ids)
+        if n > tok.model_max_length:
+            raise HTTPException(422, detail=[{"loc": ["body", "prompt"], "type": "too_long",
+                                              "msg": f"prompt is {n} tokens, over the limit of {tok.model_max_length}"}])
+
+    async def _run(self, info, version, prompt, n, steps, guidance, seed, width, height, route):
+        rid = uuid.uuid4().hex[:16]
+        item = {"prompt": prompt, "num_images": n, "steps": steps, "guidance_scale": guidance,
+                "seed": seed, "width": width, "height": height}
+        try:
+            handle = self.model.options(multiplexed_model_id=str(ExpertKey(info.subject_id, version)))
+            reply = await handle.generate.remote(item)
+            images = reply["images"]
+            if isinstance(images, Exception):
+                raise images
+        except Exception:
+            log.exception("request %s failed", rid)
+            self.metrics.failure(route)
+            return None, rid, _failed(rid)
+        self.metrics.generation(reply, len(images))
+        return images, rid, None
+
+    def _size(self, info, width, height):
+        native = int(info.base_model.get("resolution") or self.cfg.min_side)
+        side = min(max(native, self.cfg.min_side), self.cfg.max_side)
+        return width or side, height or side
+
+    def _demonstrations(self, body) -> list[bytes]:
+        """Decoded demonstration bytes, or 422 naming the one that is bad."""
+        from dreamfleet.core.errors import DataError
+        from dreamfleet.core.images import decode_image
+
+        out = []
+        for i, b64 in enumerate(body.demonstrations):
+            loc = ["body", "demonstrations", i]
+
+            def bad(kind: str, msg: str, loc=loc):
+                return HTTPException(422, detail=[{"loc": loc, "type": kind, "msg": msg}])
+
+            try:
+                data = base64.b64decode(b64, validate=True)
+            except (ValueError, TypeError):
+                raise bad("not_base64", "not valid base64") from None
+            if len(data) > self.cfg.max_demo_bytes:
+                raise bad("too_large", f"demonstration is {len(data)} bytes, over the limit of {self.cfg.max_demo_bytes}")
+            try:
+                img = decode_image(data, name=f"demonstrations[{i}]")
+            except DataError as e:
+                raise bad("not_an_image", str(e)) from None
+            if max(img.size) > self.cfg.max_demo_side:
+                raise bad("too_large", f"demonstration is {img.size[0]}x{img.size[1]} px, over the limit of "
+                                       f"{self.cfg.max_demo_side} px a side")
+            out.append(data)
+        return out
+
+    async def _generate_zero_shot(self, body, t0):
+        from dreamfleet.core.apprentice import fill_prompt
+
+        if self.apprentice is None:
+            raise HTTPException(422, detail=[{"loc": ["body", "demonstrations"], "type": "no_apprentice",
+                                              "msg": "this server has no apprentice; ask for a 'subject', or start "
+                                                     "the server with --apprentice DIR"}])
+        info = self.apprentice_info
+        demos = self._demonstrations(body)
+        prompt = fill_prompt(body.prompt, info.identifier, body.class_noun)
+        self._check_prompt(info.base_model["spec"], prompt)
+        width, height = self._size(info, body.width, body.height)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+        rid = uuid.uuid4().hex[:16]
+        item = {"demonstrations": demos, "prompt": body.prompt, "class_noun": body.class_noun,
+                "num_images": body.num_images, "steps": body.steps, "guidance_scale": body.guidance_scale,
+                "seed": seed, "width": width, "height": height}
+        try:
+            reply = await self.apprentice.generate.remote(item)
+        except Exception:
+            log.exception("request %s failed", rid)
+            self.metrics.failure("generate")
+            return _failed(rid)
+        self.metrics.generation(reply, len(reply["images"]))
+        self.metrics.observe("generate", time.perf_counter() - t0)
+        return JSONResponse(headers={"X-Dreamfleet-Request-ID": rid}, content={
+            "images": reply["images"], "subject": None, "apprentice": info.identifier,
+            "demonstrations": len(demos), "seed": seed, "prompt": prompt, "width": width, "height": height,
+            "request_id": rid})
+
+    # ------------------------------------------------------------------ routes (Ingress delegates)
+
+    async def handle_generate(self, body, authorization: str | None):
+        """``POST /v1/generate``: an expert's images, or the apprentice's for demonstrations."""
+        t0 = time.perf_counter()
+        caller = self._caller(authorization)
+        if body.demonstrations is not None:
+            return await self._generate_zero_shot(body, t0)  # any valid key: no tenant's data
+        info, version = self._resolve(caller, body.subject, body.version)
+        prompt = info.prompt(body.prompt)
+        self._check_prompt(info.base_model["spec"], prompt)
+        width, height = self._size(info, body.width, body.height)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+        images, rid, error = await self._run(info, version, prompt, body.num_images, body.steps,
+                                             body.guidance_scale, seed, width, height, "generate")
+        if error is not None:
+            return error
+        self.metrics.observe("generate", time.perf_counter() - t0)
+        return JSONResponse(headers={"X-Dreamfleet-Request-ID": rid}, content={
+            "images": images, "subject": info.subject_id, "version": version, "seed": seed,
+            "prompt": prompt, "width": width, "height": height, "request_id": rid})
+
+    async def handle_openai(self, body, authorization: str | None):
+        """``POST /v1/images/generations``, OpenAI's images API; ``model`` is the subject id."""
+        t0 = time.perf_counter()
+        caller = self._caller(authorization)
+        info, version = self._resolve(caller, body.model, None, field="model")
+        prompt = info.prompt(body.prompt)
+        self._check_prompt(info.base_model["spec"], prompt)
+        width, height = self._size(info, *(int(x) for x in body.size.split("x"))) if body.size else self._size(info, None, None)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+        images, _rid, error = await self._run(info, version, prompt, body.n, body.steps or self.cfg.default_steps,
+                                              self.cfg.default_guidance_scale, seed, width, height, "openai")
+        if error is not None:
+            return error
+        self.metrics.observe("openai", time.perf_counter() - t0)
+        return {"created": int(time.time()), "data": [{"b64_json": b, "revised_prompt": prompt} for b in images]}
+
+    def list_subjects(self, authorization: str | None):
+        caller = self._caller(authorization)
+        out = []
+        for sid in self.registry.subjects():
+            version = self._latest_version(sid)
+            if version is None:
+                continue
+            try:
+                info = self._info(sid, version)
+            except Exception:
+                continue
+            if caller.may_use(info.tenant):
+                out.append({"subject": sid, "identifier": info.identifier, "class_noun": info.class_noun,
+                            "version": version, "method": info.method, "tenant": info.tenant,
+                            "prompt_example": f"a photo of {{subject}} on the beach -> {info.prompt('a photo of {subject} on the beach')}",
+                            "sample_url": f"/v1/subjects/{sid}/sample.png"})
+        return {"subjects": out}
+
+    def subject_sample(self, subject_id: str, authorization: str | None):
+        caller = self._caller(authorization)
+        _info, version = self._resolve(caller, subject_id, None)
+        folder = self.registry.fetch(subject_id, version)
+        grids = sorted((folder / "validation").glob("*.png")) or sorted((folder / "instance").glob("*.png"))
+        if not grids:
+            return Response(status_code=404)
+        return Response(content=grids[-1].read_bytes(), media_type="image/png")
+
+    def health(self):
+        return {"status": "ok", "registry": self.cfg.registry, "auth": self.keys.enabled}
+
+    def metrics_text(self):
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def serving_snapshot(self, authorization: str | None):
+        self._caller(authorization)
+        return self.metrics.snapshot()

@@ -44,12 +44,13 @@ from dreamfleet.core.apprentice import (
 )
 from dreamfleet.core.artifacts import atomic_dir, write_json
 from dreamfleet.core.config import cfg, to_dict
+from dreamfleet.core.devices import resolve_device
 from dreamfleet.core.errors import ConfigError
 from dreamfleet.core.identifiers import check_identifier, choose_identifier
 from dreamfleet.core.models import BaseModel, load_base
 from dreamfleet.core.version import code_version
 from dreamfleet.trainers.config import LoopConfig, OptimizerConfig, Scheduler
-from dreamfleet.trainers.dreambooth import resolve_device, resolve_precision
+from dreamfleet.trainers.dreambooth import resolve_precision
 from dreamfleet.trainers.loop import LoopHooks, LoopResult, LoopSettings, run_loop, step_generator
 
 log = logging.getLogger("dreamfleet")

@@ -20,6 +20,7 @@ from PIL import Image
 
 from dreamfleet.core.artifacts import atomic_dir, write_json
 from dreamfleet.core.config import to_dict
+from dreamfleet.core.devices import resolve_device
 from dreamfleet.core.errors import ConfigError, DataError
 from dreamfleet.core.expert import EXPERT_FILE, ExpertInfo
 from dreamfleet.core.hashing import sha256_bytes
@@ -62,15 +63,6 @@ class SubjectData:
 
 
 # --------------------------------------------------------------------------- devices and precision
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
 
 
 def resolve_precision(mode: str, device: torch.device) -> torch.dtype | None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,6 +384,13 @@ def load_base(spec: str, *, dtype: torch.dtype | None = None, fresh: bool = True
     """
     if not spec or not isinstance(spec, str):
         raise ModelError("base model spec is empty; pass 'tiny-random', a local diffusers folder or a hub id")
-    if fresh or dtype is not None:
-        return _load(spec, dtype)
-    return _load_cached(spec)
+    # One load at a time per process: diffusers' lazy imports are not thread-safe (two fan-outs
+    # in one driver's threads failed with "cannot import name 'AutoencoderKL'"), and the cache
+    # should load a model once, not once per racing thread.
+    with _LOAD_LOCK:
+        if fresh or dtype is not None:
+            return _load(spec, dtype)
+        return _load_cached(spec)
+
+
+_LOAD_LOCK = threading.RLock()

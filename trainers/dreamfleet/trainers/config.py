@@ -149,7 +149,8 @@ class TrainConfig(ValidationConfig, DataConfig, AdapterConfig, PriorConfig, Loop
 
     @property
     def is_resolved(self) -> bool:
-        return None not in (self.learning_rate, self.resolution, self.lora_alpha, self.class_prompt, self.instance_prompt)
+        return (self.learning_rate is not None and self.lora_alpha is not None
+                and bool(self.resolution and self.class_prompt and self.instance_prompt))
 
     def resolve(self, *, native_resolution: int) -> TrainConfig:
         """This config with every default filled in (itself when it is resolved); what artifacts record."""
@@ -160,11 +161,16 @@ class TrainConfig(ValidationConfig, DataConfig, AdapterConfig, PriorConfig, Loop
 
 def _resolved_fields(data: dict[str, Any], native_resolution: int) -> dict[str, Any]:
     """Config fields with the defaults that depend on the method and the base model filled in."""
-    method = data.get("method", "lora")
-    rank = data.get("lora_rank", 4)
-    defaults = {"learning_rate": DEFAULT_LR.get(method), "resolution": native_resolution, "lora_alpha": rank,
-                "class_prompt": "a {class_noun}", "instance_prompt": "a {identifier} {class_noun}"}
-    return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
+    out = dict(data)
+    if out.get("learning_rate") is None:
+        out["learning_rate"] = DEFAULT_LR.get(out.get("method", "lora"))
+    if out.get("lora_alpha") is None:
+        out["lora_alpha"] = out.get("lora_rank", 4)
+    # As before: an empty resolution or prompt (0, "") means the default too.
+    out["resolution"] = out.get("resolution") or native_resolution
+    out["class_prompt"] = out.get("class_prompt") or "a {class_noun}"
+    out["instance_prompt"] = out.get("instance_prompt") or "a {identifier} {class_noun}"
+    return out
 
 
 def subject_config(run_cfg: TrainConfig, record, *, native_resolution: int) -> TrainConfig:

@@ -83,7 +83,8 @@ def _setup_solo(p: PreparedSubject, work: Path, o: FitOptions) -> _Setup:
 
 def _setup_packed(prepared: Sequence[PreparedSubject], works: Sequence[Path], o: FitOptions) -> _Setup:
     if o.dist.world_size > 1 or o.zero_stage or o.offload:
-        raise ConfigError("a packed run trains on one process without DeepSpeed (pack, or use --zero-stage)")
+        raise ConfigError("a packed run trains on one process without DeepSpeed: pack with --workers-per-subject 1 "
+                          "and no --zero-stage or --offload")
     packed = setup_packed(prepared)
     objective = packed_objective(prepared, packed)
     settings = packed_loop_settings(prepared, progress=o.progress)

@@ -203,23 +203,28 @@ class ReferenceDreamBooth:
     which favours the reference: the script's DataLoader transforms and tokenises every step.
     """
 
+    TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+    VAE_DTYPE: torch.dtype | None = None  # the scripts' VAE dtype where it is not weight_dtype
+
     def __init__(self, p):
         from peft import LoraConfig
 
         cfg, base = p.cfg, p.base
         self.p, self.cfg, self.device = p, cfg, p.device
-        self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
+        self.unet, self.vae, self.text_encoder = base.denoiser, base.vae, base.text_encoder
+        self.text_encoders = list(base.text_encoders.values())
         self.noise_scheduler = base.noise_scheduler
         self.mixed = p.autocast_dtype  # accelerator.mixed_precision
         self.weight_dtype = p.weight_dtype
         self.vae.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
+        for encoder in self.text_encoders:
+            encoder.requires_grad_(False)
         if cfg.method == "lora":
             # train_dreambooth_lora.py: frozen UNet in weight_dtype, adapter on the attention projections.
             self.unet.requires_grad_(False)
             self.unet.to(self.device, dtype=self.weight_dtype)
             self.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                             target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+                                             target_modules=list(self.TARGETS)))
             for param in self.unet.parameters():  # cast_training_params(unet, dtype=torch.float32)
                 if param.requires_grad:
                     param.data = param.data.float()
@@ -229,8 +234,9 @@ class ReferenceDreamBooth:
             self.unet.requires_grad_(True)
             self.unet.to(self.device, dtype=torch.float32)
             self.params = list(self.unet.parameters())
-        self.vae.to(self.device, dtype=self.weight_dtype)
-        self.text_encoder.to(self.device, dtype=self.weight_dtype)
+        self.vae.to(self.device, dtype=self.VAE_DTYPE or self.weight_dtype)
+        for encoder in self.text_encoders:
+            encoder.to(self.device, dtype=self.weight_dtype)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         from diffusers.optimization import get_scheduler
@@ -244,20 +250,25 @@ class ReferenceDreamBooth:
             return tok(prompt, truncation=True, padding="max_length", max_length=tok.model_max_length,
                        return_tensors="pt").input_ids
         self.instance_ids, self.class_ids = ids(p.instance_prompt), ids(p.class_prompt)
-        self.prior = cfg.with_prior_preservation and p.class_bchw is not None
+        self.prior = cfg.with_prior_preservation and p.klass is not None
         self.unet.train()
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """collate_fn(examples, with_prior_preservation): instance then class, one tensor each."""
         p, bs = self.p, self.cfg.batch_size
-        idx = torch.randint(len(p.instance_bchw), (bs,))
-        pixels, ids = [p.instance_bchw[idx]], [self.instance_ids] * bs
+        idx = torch.randint(len(p.instance), (bs,))
+        pixels, ids = [p.instance.bchw[idx]], [self.instance_ids] * bs
         if self.prior:
-            pixels.append(p.class_bchw[torch.randint(len(p.class_bchw), (bs,))])
+            pixels.append(p.klass.bchw[torch.randint(len(p.klass), (bs,))])
             ids += [self.class_ids] * bs
         return torch.cat(pixels), torch.cat(ids)
 
     def step(self) -> float:
+        loss = self.loss()
+        self.update(loss)
+        return loss.detach().item()  # logs = {"loss": loss.detach().item(), ...} every step
+
+    def loss(self) -> torch.Tensor:
         pixels, input_ids = self.batch()
         pixel_values = pixels.to(self.device, dtype=self.weight_dtype)
         model_input = self.vae.encode(pixel_values).latent_dist.sample()
@@ -282,6 +293,9 @@ class ReferenceDreamBooth:
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
         if self.prior:
             loss = loss + self.cfg.prior_loss_weight * prior_loss
+        return loss
+
+    def update(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # accelerator.backward
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -293,13 +307,14 @@ class ReferenceDreamBooth:
             self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=False)  # --set_grads_to_none is off by default
-        return loss.detach().item()  # logs = {"loss": loss.detach().item(), ...} every step
 
 
 def run_reference(p, spec: Spec) -> dict:
     torch.manual_seed(spec.seed)  # set_seed(args.seed)
     t0 = time.perf_counter()
-    ref = ReferenceDreamBooth(p)
+    from reference_families import REFERENCES
+
+    ref = REFERENCES.get(p.base.family, ReferenceDreamBooth)(p)
     sync(p.device)
     setup_s = time.perf_counter() - t0
     stamps, losses = [], []

@@ -162,6 +162,29 @@ def plain_pipeline(expert_dir: Path, root: Path):
     return pipe
 
 
+def stock_pipeline(expert_dir: Path, root: Path):
+    """A LoRA expert in its family's stock diffusers pipeline (``StableDiffusionXLPipeline``,
+    ``FluxPipeline``, ...), nothing of dreamfleet's loading involved: the base as saved on disk,
+    ``load_lora_weights(expert_dir)``, and the sampler serving uses (DPM-Solver for the UNet
+    families, the base's flow-matching Euler for the DiTs)."""
+    import json
+
+    import diffusers
+
+    from dreamfleet.core.models import load_base
+
+    spec = json.loads((expert_dir / "expert.json").read_text())["base_model"]["spec"]
+    folder = root / f"stock-{spec}"
+    if not folder.is_dir():
+        load_base(spec).save_pretrained(folder)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    if "Flow" not in type(pipe.scheduler).__name__:
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(expert_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def pipeline_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float = 7.5,
                     size: int | None = None) -> list[np.ndarray]:
     """8-bit RGB arrays of one pipeline call, one CPU generator per image (as serving seeds them)."""

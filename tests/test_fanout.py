@@ -237,3 +237,27 @@ def test_pack_needs_lora_and_one_worker(manifest, tmp_path):
     with pytest.raises(ConfigError, match="method='full'"):
         run_fanout(manifest, str(tmp_path / "r"), "tiny-random", cfg(method="full"), FanoutConfig(pack=2),
                    progress=False)
+
+
+# Flux under ZeRO-3 in `make test` (~70 s); SDXL under ZeRO-2 and SD3 under DDP in `make test-slow`.
+@pytest.mark.parametrize(("spec", "zero_stage"), [pytest.param("tiny-sdxl", 2, marks=pytest.mark.slow),
+                                                  pytest.param("tiny-sd3", 0, marks=pytest.mark.slow),
+                                                  ("tiny-flux", 3)])
+def test_every_family_fans_out_on_two_workers(manifest, tmp_path, spec, zero_stage):
+    """Each newer family through the fan-out: two workers per subject (DDP, or DeepSpeed ZeRO-2/3,
+    one family each), published as a LoRA expert whose adapter is complete (not a ZeRO-3 shard)."""
+    from safetensors.torch import load_file
+
+    from dreamfleet.core.expert import ExpertInfo
+
+    reg_uri = str(tmp_path / "reg")
+    summary = run_fanout(manifest, reg_uri, spec, cfg(steps=4, with_prior_preservation=False),
+                         FanoutConfig(workers_per_subject=2, zero_stage=zero_stage), subjects=["dog1"], progress=False)
+    assert summary.done == ["dog1"], summary
+    expert = Registry(reg_uri).fetch("dog1")
+    info = ExpertInfo.read(expert)
+    assert info.base_model["family"] == spec.removeprefix("tiny-")
+    assert info.train_stats["world_size"] == 2 and info.train_stats["zero_stage"] == zero_stage
+    lora = load_file(str(expert / "pytorch_lora_weights.safetensors"))
+    assert lora and all(v.numel() > 0 for v in lora.values())
+    assert Registry(reg_uri).run(summary.run_id)["base_family"] == info.base_model["family"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import fast_config, free_port, picture, pipeline_images, plain_pipeline
+from helpers import fast_config, free_port, picture, pipeline_images, plain_pipeline, stock_pipeline
 from PIL import Image
 
 from dreamfleet.core.expert import ExpertInfo
@@ -29,10 +29,11 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 GEN = {"steps": 3, "seed": 7, "width": 64, "height": 64}
 
 
-def train(tmp: Path, sid: str, seed: int, tenant: str | None, method: str = "lora", **kw) -> Path:
+def train(tmp: Path, sid: str, seed: int, tenant: str | None, method: str = "lora", base: str = "tiny-random",
+          **kw) -> Path:
     subject = SubjectData(sid, "dog", [picture(seed * 10 + i) for i in range(3)], tenant=tenant)
     cfg = fast_config(steps=6, learning_rate=5e-2 if method == "lora" else 5e-3, method=method, seed=seed, **kw)
-    return train_subject(subject, "tiny-random", cfg, tmp / "experts" / sid,
+    return train_subject(subject, base, cfg, tmp / "experts" / sid,
                          class_cache=ClassImageCache(tmp / "cache"), progress=False).expert_dir
 
 
@@ -55,7 +56,9 @@ def server(tmp_path_factory):
     reg = Registry(tmp / "reg")
     experts = {"alpha": train(tmp, "alpha", 1, "acme"), "beta": train(tmp, "beta", 2, "bravo"),
                "gamma": train(tmp, "gamma", 3, None, method="full"),
-               "delta": train(tmp, "delta", 4, "bravo", method="full", train_text_encoder=True)}
+               "delta": train(tmp, "delta", 4, "bravo", method="full", train_text_encoder=True),
+               "xl": train(tmp, "xl", 5, "bravo", base="tiny-sdxl", train_text_encoder=True),
+               "flux": train(tmp, "flux", 6, "bravo", base="tiny-flux")}
     for sid, folder in experts.items():
         reg.publish(sid, folder)
     keys = KeyStore(tmp / "reg" / "serving" / "keys.json")
@@ -148,6 +151,24 @@ def test_full_expert_with_text_encoder_is_served_as_plain_diffusers_renders_it(s
     plain = plain_pipeline(server["experts"]["delta"], server["tmp"])
     want = pipeline_images(plain, [reply.json()["prompt"]], [GEN["seed"]], GEN["steps"], size=GEN["width"])[0]
     assert np.abs(got - want).max() <= 1
+
+
+@pytest.mark.parametrize("sid", ["xl", "flux"])
+def test_every_family_is_served_as_its_stock_pipeline_renders_it(server, sid):
+    """An SDXL expert (LoRA on the UNet and both text encoders) and a Flux.1 expert, hot-swapped
+    into their family's pipeline in the replica: the stock diffusers pipeline with
+    ``load_lora_weights`` renders the same image (within one 8-bit level, as above); the OpenAI
+    route serves them too."""
+    reply = post(server, {"subject": sid, "prompt": "a photo of {subject}", **GEN})
+    assert reply.status_code == 200, reply.text
+    got = decode(reply.json()["images"][0]).astype(np.int16)
+    stock = stock_pipeline(server["experts"][sid], server["tmp"])
+    want = pipeline_images(stock, [reply.json()["prompt"]], [GEN["seed"]], GEN["steps"], size=GEN["width"])[0]
+    assert np.abs(got - want).max() <= 1
+    openai = post(server, {"model": sid, "prompt": "a [V] on the beach", "n": 1, "size": "64x64",
+                           "response_format": "b64_json"}, path="/v1/images/generations")
+    assert openai.status_code == 200, openai.text
+    assert decode(openai.json()["data"][0]["b64_json"]).shape == (64, 64, 3)
 
 
 def test_openai_client(server):

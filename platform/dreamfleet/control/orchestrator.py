@@ -111,6 +111,7 @@ def run_fanout(
     run_id: str | None = None,
     progress: bool = True,
 ) -> RunSummary:
+    from dreamfleet.core.models import load_base
     from dreamfleet.data.manifest import Manifest
     from dreamfleet.registry import Registry
 
@@ -135,6 +136,7 @@ def run_fanout(
     class_cache = fan.class_cache or (str(Path(registry.root) / "class-images") if registry.is_local else None)
     registry.write_run(run_id, {
         "manifest": manifest_uri, "base_model": base_model, "subjects": chosen, "skipped": skipped,
+        "base_family": load_base(base_model, fresh=False).family if todo else None,
         "train_config": to_dict(train_cfg), "fanout": to_dict(fan), "code_version": code_version(),
         "started_at": now(), "state": "running", "ray_address": fan.address or os.environ.get("RAY_ADDRESS"),
         "job_id": os.environ.get("RAY_JOB_ID") or os.environ.get("DREAMFLEET_JOB_ID"),

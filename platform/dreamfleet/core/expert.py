@@ -94,18 +94,26 @@ class ExpertInfo:
 
 @dataclass
 class ExpertWeights:
-    """Everything an expert folder holds, read into memory: its LoRA state (UNet and, when
-    trained, text-encoder keys) or its full-weight UNet and, when trained, text encoder.
-    The one loader that serving, evaluation and gather share."""
+    """Everything an expert folder holds, read into memory: its LoRA state (denoiser and, when
+    trained, text-encoder keys) or its full-weight components (the UNet or transformer, and the
+    text encoders when trained), by pipeline component name. The one loader that serving,
+    evaluation and gather share."""
 
     info: ExpertInfo
     lora: dict[str, Any] | None = None
-    unet: Any = None
-    text_encoder: Any = None
+    components: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unet(self) -> Any:
+        return self.components.get("unet")
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.components.get("text_encoder")
 
     @property
     def modules(self) -> list[Any]:
-        return [m for m in (self.unet, self.text_encoder) if m is not None]
+        return list(self.components.values())
 
     @property
     def nbytes(self) -> int:
@@ -129,10 +137,9 @@ def read_expert(folder: str | Path, base: Any, info: ExpertInfo | None = None) -
         from safetensors.torch import load_file
 
         return ExpertWeights(info, lora=load_file(str(folder / LORA_WEIGHTS)))
-    weights = ExpertWeights(info, unet=_component(type(base.unet), folder / "unet"))
-    if (folder / "text_encoder").is_dir():
-        weights.text_encoder = _component(type(base.text_encoder), folder / "text_encoder")
-    return weights
+    modules = base.modules()
+    names = [n for n in modules if n != "vae" and (n == base.kind.denoiser or (folder / n).is_dir())]
+    return ExpertWeights(info, components={n: _component(type(modules[n]), folder / n) for n in names})
 
 
 def _component(cls: Any, folder: Path) -> Any:
@@ -144,12 +151,12 @@ def _component(cls: Any, folder: Path) -> Any:
 def expert_pipeline(base: Any, weights: ExpertWeights, *, pipe: Any = None, adapter_name: str | None = None):
     """A diffusers pipeline over ``base`` with everything the expert holds applied: its LoRA
     adapter loaded into ``pipe`` (default: a new pipeline over the base's modules, which the
-    adapter then modifies), or its full UNet and text encoder in place of the base's."""
+    adapter then modifies), or its full components in place of the base's."""
     if weights.lora is not None:
         pipe = pipe if pipe is not None else base.pipeline()
         pipe.load_lora_weights(dict(weights.lora), adapter_name=adapter_name)
         return pipe
-    return base.pipeline(unet=weights.unet, text_encoder=weights.text_encoder)
+    return base.pipeline(**weights.components)
 
 
 def open_expert(folder: str | Path) -> tuple[Any, ExpertInfo]:

@@ -28,29 +28,54 @@ from typing import Any
 import torch
 
 from dreamfleet.core.errors import ModelError
+from dreamfleet.core.families import Family, detect, get_family
 from dreamfleet.core.hashing import sha256_file
 
 log = logging.getLogger("dreamfleet")
 
 SD_FAMILY = "sd"
-SDXL_FAMILY = "sdxl"
 
 
 @dataclass
 class BaseModel:
-    """The diffusers components of a base model, plus what identifies it."""
+    """The diffusers components of a base model, plus what identifies it.
+
+    Which components are set depends on the family (:mod:`dreamfleet.core.families`): a UNet
+    or a transformer as the denoiser, one to three text encoders and their tokenizers.
+    """
 
     spec: str
-    unet: Any
     vae: Any
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any
     model_hash: str
+    unet: Any = None
     family: str = SD_FAMILY
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    transformer: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> Family:
+        """The family's behaviour (how it encodes prompts, what it is trained on, ...)."""
+        return get_family(self.family)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or the transformer: the module DreamBooth fine-tunes."""
+        return getattr(self, self.kind.denoiser)
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self, name) for name in self.kind.text_encoders}
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every weight-holding component, by its pipeline name."""
+        return {self.kind.denoiser: self.denoiser, "vae": self.vae, **self.text_encoders}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -59,34 +84,20 @@ class BaseModel:
     @property
     def resolution(self) -> int:
         """The native image side in pixels."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return self.kind.native_resolution(self)
 
     @property
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "hash": self.model_hash, "family": self.family, "resolution": self.resolution}
 
     def inference_scheduler(self):
-        from diffusers import DPMSolverMultistepScheduler
+        return self.kind.inference_scheduler(self)
 
-        return DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
-
-    def pipeline(self, *, unet=None, text_encoder=None, device: str | torch.device | None = None):
-        """A plain diffusers ``StableDiffusionPipeline`` over these (or replacement) components."""
-        if self.family != SD_FAMILY:
-            raise ModelError(f"base model {self.spec!r} is {self.family}; only SD 1.x/2.x pipelines are built here")
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=text_encoder if text_encoder is not None else self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=unet if unet is not None else self.unet,
-            scheduler=self.inference_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
+    def pipeline(self, *, device: str | torch.device | None = None, **replace: Any):
+        """The family's stock diffusers pipeline over these components, or over replacements
+        given by component name (``unet=``, ``transformer=``, ``text_encoder=``, ...)."""
+        pipe = self.kind.pipeline(self, **replace)
+        pipe.native_resolution = self.resolution
         if device is not None:
             pipe.to(device)
         return pipe
@@ -195,7 +206,19 @@ def build_tiny_random() -> BaseModel:
 
 # Named models of core itself; packages register theirs (the toy world's "toy") as entry
 # points in the "dreamfleet.models" group, so that core never imports them.
-BUILTIN_MODELS: dict[str, Callable[[], BaseModel]] = {"tiny-random": build_tiny_random}
+def _tiny(name: str) -> Callable[[], BaseModel]:
+    def build() -> BaseModel:
+        from dreamfleet.core import tiny
+
+        return getattr(tiny, f"build_tiny_{name}")()
+
+    return build
+
+
+BUILTIN_MODELS: dict[str, Callable[[], BaseModel]] = {
+    "tiny-random": build_tiny_random, "tiny-sdxl": _tiny("sdxl"), "tiny-sd3": _tiny("sd3"),
+    "tiny-flux": _tiny("flux"),
+}
 MODEL_ENTRY_POINTS = "dreamfleet.models"
 
 
@@ -254,57 +277,11 @@ def folder_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _pick_variant(folder: Path, subfolder: str) -> dict[str, Any]:
-    """Prefer safetensors; use the fp16 variant only when it is the sole one present."""
-    sub = folder / subfolder
-    names = {p.name for p in sub.iterdir()} if sub.is_dir() else set()
-    plain = any(n.endswith((".safetensors", ".bin")) and ".fp16." not in n for n in names)
-    if not plain and any(".fp16." in n for n in names):
-        return {"variant": "fp16"}
-    return {}
-
-
 def load_folder(folder: Path, spec: str, dtype: torch.dtype | None = None) -> BaseModel:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        raise ModelError(
-            f"{folder}: not a diffusers model folder (no model_index.json); pass the folder of a "
-            "Stable Diffusion checkout saved with save_pretrained, a hub id, or 'tiny-random'"
-        )
-    index = json.loads(index_path.read_text())
-    pipeline_class = index.get("_class_name", "")
-    family = SDXL_FAMILY if "XL" in pipeline_class else SD_FAMILY
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if not (folder / part).is_dir():
-            raise ModelError(f"{folder}: the '{part}' component folder is missing; is the checkout complete?")
-    kw: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
-    try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw, **_pick_variant(folder, "unet"))
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw, **_pick_variant(folder, "vae"))
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-        text_encoder_2 = tokenizer_2 = None
-        if family == SDXL_FAMILY:
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw)
-            tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{folder}: cannot load the model ({e})") from None
-    return BaseModel(
-        spec=spec,
-        unet=unet.eval(),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        noise_scheduler=noise_scheduler,
-        model_hash=folder_hash(folder),
-        family=family,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-    )
+    """A diffusers folder of any family (detected from its ``model_index.json``)."""
+    family = detect(folder)
+    components = family.load(folder, dtype)
+    return BaseModel(spec=spec, model_hash=folder_hash(folder), family=family.name, **components)
 
 
 def _hub_offline() -> bool:

@@ -103,3 +103,30 @@ def write_tiny_tokenizer(folder: str | Path) -> Path:
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder
+
+
+@functools.cache
+def _t5_pieces() -> tuple[tuple[str, float], ...]:
+    words = list(dict.fromkeys(COMMON_WORDS + RARE_WORDS))
+    letters = sorted(set("".join(words)))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, -i / 100) for i, w in enumerate(words)]
+    pieces += [("▁", -50.0)] + [(c, -60.0) for c in letters]
+    return tuple(pieces)
+
+
+def build_tiny_t5_tokenizer(model_max_length: int = 512):
+    """A ``T5TokenizerFast`` (SentencePiece-style unigram, ``</s>`` appended) over the same
+    word list, built with the ``tokenizers`` library: no files, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    tk = Tokenizer(models.Unigram(list(_t5_pieces()), unk_id=2, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                      special_tokens=[("</s>", 1)])
+    tok = T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
+    tok.model_max_length = model_max_length
+    assert len(tok) == len(_t5_pieces()), "the T5 tokenizer lost its vocabulary"
+    return tok

@@ -96,6 +96,7 @@ def run_progress(run: dict[str, Any], states: dict[str, SubjectState]) -> dict[s
 def run_summary(run: dict[str, Any], states: dict[str, SubjectState]) -> dict[str, Any]:
     return {
         "run_id": run.get("run_id"), "manifest": run.get("manifest"), "base_model": run.get("base_model"),
+        "base_family": run.get("base_family"),
         "state": run.get("state", "running"), "started_at": run.get("started_at"),
         "finished_at": run.get("finished_at"), "job_id": run.get("job_id"), "ray_address": run.get("ray_address"),
         "cancelled_at": run.get("cancelled_at"), **run_progress(run, states),

@@ -62,11 +62,17 @@ class SubjectCase:
         return [" ".join(t.format(token, self.class_noun).split()) for t in self.prompt_templates]
 
 
+def native_resolution(pipe) -> int:
+    """The side a pipeline renders by default: what ``BaseModel.pipeline`` recorded, else the UNet's."""
+    recorded = getattr(pipe, "native_resolution", None)
+    return int(recorded) if recorded else int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+
+
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], n: int, c: EvalConfig) -> list[list[Image.Image]]:
     """``n`` images per prompt; image j of every prompt uses noise seed ``seed + j`` (paired across models)."""
     out = []
-    size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    size = native_resolution(pipe)
     for prompt in prompts:
         gens = [torch.Generator("cpu").manual_seed(c.seed + j) for j in range(n)]
         out.append(pipe([prompt] * n, height=size, width=size, num_inference_steps=c.num_inference_steps,

@@ -107,7 +107,7 @@ class ExpertEngine:
     def base(self, spec: str) -> BaseModel:
         if spec not in self.bases:
             base = load_base(spec)
-            for m in (base.unet, base.vae, base.text_encoder):
+            for m in base.modules().values():
                 m.to(self.device, self.dtype).eval().requires_grad_(False)
             self.bases[spec] = base
             self.pipes[spec] = base.pipeline()
@@ -168,7 +168,7 @@ class ExpertEngine:
                     entry.weights.to("cpu")
                 return
             for pipe in self.pipes.values():
-                if what in (pipe.get_list_adapters().get("unet", []) or []):
+                if any(what in (names or []) for names in pipe.get_list_adapters().values()):
                     pipe.delete_adapters(what)
 
     def loaded(self) -> list[str]:
@@ -181,7 +181,7 @@ class ExpertEngine:
         """A pipeline over the shared modules with this expert active and a fresh scheduler."""
         base = self.base(entry.info.base_model["spec"])
         owner = self.pipes[base.spec]
-        loaded = owner.get_list_adapters()  # {"unet": [...], "text_encoder": [...]}
+        loaded = owner.get_list_adapters()  # {"unet" or "transformer": [...], "text_encoder": [...], ...}
         if entry.info.method == "lora":
             name = adapter_name(entry.info.subject_id, entry.version)
             for component, names in loaded.items():

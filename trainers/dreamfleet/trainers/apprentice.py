@@ -148,14 +148,20 @@ def _embed(base: BaseModel, prompts: list[str], device: torch.device) -> dict[st
     return out
 
 
+def check_apprentice_base(base: BaseModel) -> None:
+    """The apprentice attaches to an SD 1.x/2.x UNet; other families are refused, saying so."""
+    if base.kind.support.apprentice != "yes":
+        raise ConfigError(f"base model {base.spec!r} is {base.kind.title}; the apprentice does not support it "
+                          f"({base.kind.support.apprentice})")
+
+
 def prepare_apprentice(demo_set: str | Path, base: BaseModel | str, c: ApprenticeConfig) -> PreparedApprentice:
     """Read the demonstration set, attach the apprentice modules, cache every latent and embedding."""
     from dreamfleet.data.demos import read_demo_set
 
     subjects, info = read_demo_set(demo_set)
     base = load_base(base) if isinstance(base, str) else base
-    if base.family != "sd":
-        raise ConfigError(f"base model {base.spec!r} is {base.family}; the apprentice supports SD 1.x/2.x")
+    check_apprentice_base(base)
     identifier = check_identifier(base.tokenizer, c.identifier) if c.identifier else choose_identifier(base.tokenizer, "apprentice")
     device = resolve_device(c.device)
     dtype = resolve_precision(c.mixed_precision, device)
@@ -207,7 +213,7 @@ class ApprenticeObjective:
 
     def __init__(self, p: PreparedApprentice, rank: int = 0):
         self.p, self.cfg, self.rank = p, p.cfg, rank
-        self.unet = p.base.unet
+        self.unet = self.denoiser = p.base.unet
         self.forward_unet = p.base.unet  # a distributed runtime swaps in its DDP wrapper
         self.scheduler = p.base.noise_scheduler
         self.modules = torch.nn.ModuleDict({

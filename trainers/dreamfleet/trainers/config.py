@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from dreamfleet.core.config import cfg, from_dict, to_dict
@@ -38,6 +38,7 @@ class OptimizerConfig:
     adam_weight_decay: float = cfg(1e-2, "AdamW weight decay")
     adam_epsilon: float = cfg(1e-8, "AdamW epsilon")
     max_grad_norm: float = cfg(1.0, "gradient clipping norm (0 disables)")
+    optimizer: Literal["adamw", "adamw8bit"] = cfg("adamw", "adamw (torch), or adamw8bit (bitsandbytes: 8-bit moments)")
 
     def check_optimizer(self) -> None:
         _at_least(self, 0, "lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "adam_epsilon")
@@ -127,7 +128,42 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig(ValidationConfig, DataConfig, AdapterConfig, PriorConfig, LoopConfig, OptimizerConfig):
+class FlowConfig:
+    """The rectified-flow section (SD3, Flux): timestep sampling and loss weighting as in
+    diffusers' train_dreambooth_lora_sd3/flux.py, and Flux [dev]'s embedded guidance."""
+
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = cfg(
+        "none", "timestep sampling / loss weighting of flow-matching families")
+    logit_mean: float = cfg(0.0, "mean of the logit_normal timestep density")
+    logit_std: float = cfg(1.0, "std of the logit_normal timestep density")
+    mode_scale: float = cfg(1.29, "scale of the mode timestep density")
+    guidance_scale: float = cfg(3.5, "embedded guidance while training a guidance-distilled model (Flux [dev])")
+    precondition_outputs: bool = cfg(True, "SD3: map the output to x0 and regress x0 (EDM preconditioning), as diffusers")
+
+    def check_flow(self) -> None:
+        if self.logit_std <= 0:
+            raise ConfigError(f"config field 'logit_std' must be positive, got {self.logit_std}")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The memory section for large bases: what is kept on the accelerator while training."""
+
+    quantize_base: Literal["no", "nf4"] = cfg(
+        "no", "nf4: the frozen denoiser's linear layers in 4-bit NormalFloat (bitsandbytes), LoRA on top (QLoRA)")
+    free_text_encoders: bool = cfg(
+        True, "move the frozen text encoders off the accelerator once the prompts are encoded (back for validation)")
+
+
+# Fields added after experts and checkpoints were first written: a record without one had its
+# default, so resuming such a checkpoint with the default is no change.
+ADDED_FIELDS = {f.name: f.default for section in (FlowConfig, MemoryConfig) for f in fields(section)}
+ADDED_FIELDS["optimizer"] = "adamw"
+
+
+@dataclass(frozen=True)
+class TrainConfig(MemoryConfig, FlowConfig, ValidationConfig, DataConfig, AdapterConfig, PriorConfig, LoopConfig,
+                  OptimizerConfig):
     """How one subject is fine-tuned: its sections (optimizer, loop, prior preservation, adapter,
     data, validation), each taken as it is by what uses it (the loop takes the config as its
     optimizer and loop sections), and the CLI, manifests and artifacts keep flat field names.
@@ -142,8 +178,10 @@ class TrainConfig(ValidationConfig, DataConfig, AdapterConfig, PriorConfig, Loop
 
     def __post_init__(self) -> None:
         for check in (self.check_optimizer, self.check_loop, self.check_prior, self.check_adapter,
-                      self.check_data, self.check_validation):
+                      self.check_data, self.check_validation, self.check_flow):
             check()
+        if self.quantize_base != "no" and self.method != "lora":
+            raise ConfigError(f"quantize_base={self.quantize_base!r} keeps the base frozen: it needs method=lora")
         if self.lr_warmup_steps > self.steps:
             raise ConfigError(f"lr_warmup_steps ({self.lr_warmup_steps}) exceeds steps ({self.steps})")
 

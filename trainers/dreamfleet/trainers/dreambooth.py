@@ -8,9 +8,11 @@ images: ``loss = mse(instance) + lambda * mse(class)``. The result is an expert 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from dreamfleet.core.config import to_dict
 from dreamfleet.core.devices import resolve_device
 from dreamfleet.core.errors import ConfigError, DataError
 from dreamfleet.core.expert import EXPERT_FILE, ExpertInfo
+from dreamfleet.core.families import Cond, NoisyBatch, cat_cond
 from dreamfleet.core.hashing import sha256_bytes
 from dreamfleet.core.identifiers import check_class_noun, check_identifier, choose_identifier
 from dreamfleet.core.ids import validate_subject_id
@@ -32,14 +35,7 @@ from dreamfleet.core.version import code_version
 from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
 from dreamfleet.trainers.config import TrainConfig
 from dreamfleet.trainers.loop import LoopResult, LoopSettings, step_generator
-from dreamfleet.trainers.lora import (
-    TEXT_ENCODER_TARGETS,
-    UNET_TARGETS,
-    LoraWeights,
-    add_lora,
-    save_lora,
-    write_lora,
-)
+from dreamfleet.trainers.lora import LoraWeights, add_lora, save_lora, write_lora
 
 log = logging.getLogger("dreamfleet")
 
@@ -77,11 +73,13 @@ def resolve_precision(mode: str, device: torch.device) -> torch.dtype | None:
 # --------------------------------------------------------------------------- data preparation
 
 
-def image_to_tensor(img: Image.Image, resolution: int, *, center_crop: bool, flip: bool, g: torch.Generator) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop a square, scale to [-1, 1]; returns (3, H, W)."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+def image_to_tensor(img: Image.Image, resolution: int, *, center_crop: bool, flip: bool, g: torch.Generator,
+                    sizes: list[tuple[int, int, int, int]] | None = None) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop a square, scale to [-1, 1]; returns (3, H, W).
+    ``sizes`` gets (original height, width, crop top, left): SDXL's micro-conditioning."""
+    w0, h0 = img.size
+    scale = resolution / min(w0, h0)
+    img = img.resize((max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))), Image.BILINEAR)
     w, h = img.size
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2
@@ -91,86 +89,81 @@ def image_to_tensor(img: Image.Image, resolution: int, *, center_crop: bool, fli
     img = img.crop((left, top, left + resolution, top + resolution))
     if flip and bool(torch.rand(1, generator=g) < 0.5):
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if sizes is not None:
+        sizes.append((h0, w0, top, left))
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
     return x.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def encode_prompt(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    return text_encoder(ids)[0]
-
-
-def check_prompt_length(tokenizer, prompt: str, what: str) -> None:
-    n = len(tokenizer(prompt).input_ids)
-    if n > tokenizer.model_max_length:
-        raise ConfigError(
-            f"{what} {prompt!r} is {n} tokens, over the text encoder's limit of {tokenizer.model_max_length}; shorten it"
-        )
+def check_prompt_length(base: BaseModel, prompt: str, what: str) -> None:
+    for tokenizer, limit in base.kind.prompt_tokens(base):
+        n = len(tokenizer(prompt).input_ids)
+        if n > limit:
+            raise ConfigError(f"{what} {prompt!r} is {n} tokens, over the text encoder's limit of {limit}; shorten it")
 
 
 @dataclass
 class DreamBoothBatch:
-    """One micro-batch of UNet inputs and targets (instance samples first, then class samples)."""
+    """One micro-batch of denoiser inputs and targets (instance samples first, then class samples)."""
 
-    noisy_bchw: torch.Tensor
-    timesteps: torch.Tensor
-    cond: torch.Tensor  # text embeddings, one per sample
-    target_bchw: torch.Tensor
+    noisy: NoisyBatch  # noisy latents, timesteps, target, loss weighting
+    cond: Cond  # text conditioning, one row per sample
     prior: bool  # the second half is class samples for the prior-preservation loss
 
     @property
     def size(self) -> int:
-        return self.noisy_bchw.shape[0]
+        return self.noisy.noisy.shape[0]
+
+
+@dataclass
+class Pixels:
+    """Training images as a tensor, with each one's (orig h, w, crop top, left)."""
+
+    bchw: torch.Tensor
+    sizes: torch.Tensor  # (N, 4) long
+
+    def __len__(self) -> int:
+        return len(self.bchw)
+
+
+def to_pixels(images: list[Image.Image], resolution: int, *, center_crop: bool, flip: bool,
+              g: torch.Generator) -> Pixels:
+    sizes: list[tuple[int, int, int, int]] = []
+    bchw = torch.stack([image_to_tensor(im, resolution, center_crop=center_crop, flip=flip, g=g, sizes=sizes)
+                        for im in images])
+    return Pixels(bchw, torch.tensor(sizes, dtype=torch.long))
 
 
 class DreamBoothObjective:
-    """Batch -> loss for DreamBooth with optional prior preservation."""
+    """Batch -> loss for DreamBooth with optional prior preservation, for any model family
+    (the family encodes prompts, noises latents, calls its denoiser: :mod:`dreamfleet.core.families`)."""
 
-    def __init__(
-        self,
-        base: BaseModel,
-        cfg: TrainConfig,
-        instance_bchw: torch.Tensor,
-        class_bchw: torch.Tensor | None,
-        instance_prompt: str,
-        class_prompt: str,
-        device: torch.device,
-        weight_dtype: torch.dtype,
-        rank: int = 0,
-    ):
-        self.base, self.cfg, self.device, self.rank = base, cfg, device, rank
-        self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
+    def __init__(self, base: BaseModel, cfg: TrainConfig, instance: Pixels, klass: Pixels | None,
+                 instance_prompt: str, class_prompt: str, device: torch.device, weight_dtype: torch.dtype,
+                 rank: int = 0):
+        self.base, self.kind, self.cfg, self.device, self.rank = base, base.kind, cfg, device, rank
+        self.vae, self.denoiser = base.vae, base.denoiser
         # The module called in forward; a distributed runtime replaces it with its DDP wrapper.
-        self.forward_unet = base.unet
-        self.scheduler = base.noise_scheduler
+        self.forward_unet = base.denoiser
         self.weight_dtype = weight_dtype
-        self.scaling_factor = float(base.vae.config.scaling_factor)
-        self.instance_bchw, self.class_bchw = instance_bchw, class_bchw
-        self.instance_ids = self._token_ids(instance_prompt)
-        self.class_ids = self._token_ids(class_prompt)
+        self.instance, self.klass = instance, klass
+        self.instance_ids = self.kind.tokenize(base, [instance_prompt], device)
+        self.class_ids = self.kind.tokenize(base, [class_prompt], device)
         self.inst_dist = self.class_dist = None
         if cfg.cache_latents:
-            self.inst_dist = self._encode_dist(instance_bchw)
-            self.class_dist = self._encode_dist(class_bchw) if class_bchw is not None else None
+            self.inst_dist = self._encode_dist(instance.bchw)
+            self.class_dist = self._encode_dist(klass.bchw) if klass is not None else None
         self.inst_emb = self.class_emb = None
         if not cfg.train_text_encoder:
             with torch.no_grad():
-                self.inst_emb = self.text_encoder(self.instance_ids)[0].float()
-                self.class_emb = self.text_encoder(self.class_ids)[0].float()
+                self.inst_emb = {k: v.float() for k, v in self.kind.encode(base, self.instance_ids).items()}
+                self.class_emb = {k: v.float() for k, v in self.kind.encode(base, self.class_ids).items()}
 
     @classmethod
     def from_prepared(cls, p: PreparedSubject, rank: int = 0) -> DreamBoothObjective:
         """The objective of a prepared subject (what every trainer, runtime and benchmark builds)."""
-        return cls(p.base, p.cfg, p.instance_bchw, p.class_bchw, p.instance_prompt, p.class_prompt, p.device,
+        return cls(p.base, p.cfg, p.instance, p.klass, p.instance_prompt, p.class_prompt, p.device,
                    p.weight_dtype, rank=rank)
-
-    def _token_ids(self, prompt: str) -> torch.Tensor:
-        tok = self.base.tokenizer
-        return tok(
-            [prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
 
     @torch.no_grad()
     def _encode_dist(self, pixels_bchw: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,67 +176,79 @@ class DreamBoothObjective:
         return torch.cat(means), torch.cat(stds)
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"unet": self.unet}
+        mods = {"unet": self.base.denoiser}
         if self.cfg.train_text_encoder:
-            mods["text_encoder"] = self.text_encoder
+            mods.update(self.base.text_encoders)
         return mods
 
-    def _latents(self, idx: torch.Tensor, pixels: torch.Tensor, dist, g: torch.Generator) -> torch.Tensor:
+    def _latents(self, idx: torch.Tensor, pixels: Pixels, dist, g: torch.Generator) -> torch.Tensor:
         """VAE latents of the chosen images, sampled from the latent distribution (as diffusers does)."""
         if dist is not None:
             mean, std = dist[0][idx], dist[1][idx]
         else:
             with torch.no_grad():
-                d = self.vae.encode(pixels[idx].to(self.device, self.weight_dtype)).latent_dist
+                d = self.vae.encode(pixels.bchw[idx].to(self.device, self.weight_dtype)).latent_dist
             mean, std = d.mean.float().cpu(), d.std.float().cpu()
         eps = torch.randn(mean.shape, generator=g)
-        return ((mean + std * eps) * self.scaling_factor).to(self.device)
+        return self.kind.latents(self.base, mean + std * eps).to(self.device)
+
+    def _cond(self, bs: int, prior: bool, sizes: torch.Tensor) -> Cond:
+        if self.cfg.train_text_encoder:
+            ids = {k: torch.cat([v] * bs + ([self.class_ids[k]] * bs if prior else []))
+                   for k, v in self.instance_ids.items()}
+            cond = self.kind.encode(self.base, ids)
+        else:
+            cond = cat_cond([self.inst_emb] * bs + ([self.class_emb] * bs if prior else []))
+        cond = self.kind.micro_conditioning(cond, sizes, self.cfg.resolution)
+        return {k: v.to(self.device) for k, v in cond.items()}
 
     def batch(self, step: int, micro_step: int) -> DreamBoothBatch:
-        """The UNet's inputs and targets for (step, micro_step): instance images, then as many
+        """The denoiser's inputs and targets for (step, micro_step): instance images, then as many
         class images with prior preservation; data order, noise and timesteps from (seed, step)."""
         cfg = self.cfg
         g = step_generator(cfg.seed, step, stream=micro_step * 1024 + self.rank)
         bs = cfg.batch_size
-        idx = torch.randint(len(self.instance_bchw), (bs,), generator=g)
-        latents = [self._latents(idx, self.instance_bchw, self.inst_dist, g)]
-        prior = cfg.with_prior_preservation and self.class_bchw is not None
+        idx = torch.randint(len(self.instance), (bs,), generator=g)
+        latents = [self._latents(idx, self.instance, self.inst_dist, g)]
+        sizes = [self.instance.sizes[idx]]
+        prior = cfg.with_prior_preservation and self.klass is not None
         if prior:
-            cidx = torch.randint(len(self.class_bchw), (bs,), generator=g)
-            latents.append(self._latents(cidx, self.class_bchw, self.class_dist, g))
+            cidx = torch.randint(len(self.klass), (bs,), generator=g)
+            latents.append(self._latents(cidx, self.klass, self.class_dist, g))
+            sizes.append(self.klass.sizes[cidx])
         latents_bchw = torch.cat(latents)
-        n = latents_bchw.shape[0]
         noise_bchw = torch.randn(latents_bchw.shape, generator=g).to(self.device)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=g).to(self.device)
-        noisy_bchw = self.scheduler.add_noise(latents_bchw, noise_bchw, timesteps)
-        if cfg.train_text_encoder:
-            ids = torch.cat([self.instance_ids] * bs + ([self.class_ids] * bs if prior else []))
-            cond = self.text_encoder(ids)[0]
-        else:
-            cond = torch.cat([self.inst_emb] * bs + ([self.class_emb] * bs if prior else []))
-        if self.scheduler.config.prediction_type == "v_prediction":
-            target_bchw = self.scheduler.get_velocity(latents_bchw, noise_bchw, timesteps)
-        else:
-            target_bchw = noise_bchw
-        return DreamBoothBatch(noisy_bchw, timesteps, cond.to(self.device), target_bchw, prior)
+        noisy = self.kind.noisy_batch(self.base, cfg, latents_bchw, noise_bchw, g)
+        return DreamBoothBatch(noisy, self._cond(bs, prior, torch.cat(sizes)), prior)
 
     def loss_terms(self, pred_bchw: torch.Tensor, batch: DreamBoothBatch) -> dict[str, torch.Tensor]:
-        """``loss = mse(instance) + prior_loss_weight * mse(class)`` of the UNet's prediction."""
+        """``loss = mse(instance) + prior_loss_weight * mse(class)`` of the denoiser's prediction
+        (each MSE weighted per sample where the family's scheme weights it)."""
+        target, weighting = batch.noisy.target, batch.noisy.weighting
         if batch.prior:
-            pred_i, pred_c = pred_bchw.float().chunk(2)
-            target_i, target_c = batch.target_bchw.float().chunk(2)
-            loss_instance = F.mse_loss(pred_i, target_i)
-            loss_prior = F.mse_loss(pred_c, target_c)
+            halves = zip(pred_bchw.chunk(2), target.chunk(2),
+                         weighting.chunk(2) if weighting is not None else (None, None), strict=True)
+            loss_instance, loss_prior = (weighted_mse(p, t, w) for p, t, w in halves)
             loss = loss_instance + self.cfg.prior_loss_weight * loss_prior
             return {"loss": loss, "loss_instance": loss_instance, "loss_prior": loss_prior}
-        loss = F.mse_loss(pred_bchw.float(), batch.target_bchw.float())
+        loss = weighted_mse(pred_bchw, target, weighting)
         return {"loss": loss, "loss_instance": loss}
+
+    def predict(self, batch: DreamBoothBatch) -> torch.Tensor:
+        return self.kind.predict(self.forward_unet, batch.noisy, batch.cond, self.cfg)
 
     def loss(self, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         b = self.batch(step, micro_step)
-        pred_bchw = self.forward_unet(b.noisy_bchw, b.timesteps, b.cond).sample
-        terms = self.loss_terms(pred_bchw, b)
+        terms = self.loss_terms(self.predict(b), b)
         return terms["loss"], {k: v.item() for k, v in terms.items()}
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor | None) -> torch.Tensor:
+    """``F.mse_loss``, or diffusers' per-sample weighted mean for flow-matching families."""
+    if weighting is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1)
+    return per_sample.mean(1).mean()
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -260,8 +265,8 @@ class PreparedSubject:
     instance_prompt: str
     class_prompt: str
     class_images: dict | None
-    instance_bchw: torch.Tensor
-    class_bchw: torch.Tensor | None
+    instance: Pixels
+    klass: Pixels | None  # the class images, with prior preservation
     device: torch.device
     weight_dtype: torch.dtype
     autocast_dtype: torch.dtype | None
@@ -280,11 +285,8 @@ def prepare_subject(
     if not subject.images:
         raise DataError(f"subject {subject.subject_id!r}: no images")
     base = load_base(base) if isinstance(base, str) else base
-    if base.family != "sd":
-        raise ConfigError(
-            f"base model {base.spec!r} is {base.family}; this version trains Stable Diffusion 1.x/2.x models only"
-        )
     cfg = cfg.resolve(native_resolution=base.resolution)
+    check_family_supports(base, cfg)
     if subject.identifier:
         identifier = check_identifier(base.tokenizer, subject.identifier)
     else:
@@ -292,29 +294,24 @@ def prepare_subject(
     fill = {"identifier": identifier, "class_noun": class_noun}
     instance_prompt = cfg.instance_prompt.format(**fill)
     class_prompt = cfg.class_prompt.format(**fill)
-    check_prompt_length(base.tokenizer, instance_prompt, "instance prompt")
+    check_prompt_length(base, instance_prompt, "instance prompt")
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.mixed_precision, device)
 
     g = step_generator(cfg.seed, 0, stream=99)
-    instance_bchw = torch.stack([
-        image_to_tensor(im, cfg.resolution, center_crop=cfg.center_crop, flip=cfg.random_flip, g=g)
-        for im in subject.images
-    ])
-    class_bchw, class_meta = None, None
+    instance = to_pixels(subject.images, cfg.resolution, center_crop=cfg.center_crop, flip=cfg.random_flip, g=g)
+    klass, class_meta = None, None
     if cfg.with_prior_preservation:
         cache = class_cache or ClassImageCache()
         req = ClassImageRequest.for_config(cfg, class_prompt)
-        base.unet.to(device)
+        base.denoiser.to(device)
         got = cache.ensure(base, req, device=device)
-        class_bchw = torch.stack([
-            image_to_tensor(Image.open(p).convert("RGB"), cfg.resolution, center_crop=True, flip=False, g=g)
-            for p in got.paths
-        ])
+        klass = to_pixels([Image.open(p).convert("RGB") for p in got.paths], cfg.resolution, center_crop=True,
+                          flip=False, g=g)
         class_meta = {"cache_key": got.key, "folder": str(got.folder), "count": len(got.paths), "generated": got.generated}
     return PreparedSubject(
         subject=subject, base=base, cfg=cfg, identifier=identifier, instance_prompt=instance_prompt,
-        class_prompt=class_prompt, class_images=class_meta, instance_bchw=instance_bchw, class_bchw=class_bchw,
+        class_prompt=class_prompt, class_images=class_meta, instance=instance, klass=klass,
         device=device, weight_dtype=dtype or torch.float32, autocast_dtype=dtype,
     )
 
@@ -326,42 +323,92 @@ def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dty
         module.to(dtype)
 
 
+def check_family_supports(base: BaseModel, cfg: TrainConfig) -> None:
+    """Refuse what the base model's family cannot train here, saying why."""
+    support = base.kind.support
+    if cfg.method == "full" and support.full != "yes":
+        raise ConfigError(f"base model {base.spec!r} ({base.kind.title}): method=full is not supported ({support.full}); "
+                          "use method=lora")
+    if cfg.train_text_encoder and support.text_encoder_lora != "yes":
+        raise ConfigError(f"base model {base.spec!r} ({base.kind.title}): train_text_encoder is not supported "
+                          f"({support.text_encoder_lora})")
+
+
 def setup_frozen(p: PreparedSubject) -> None:
-    """Freeze the VAE, and the text encoder unless it is trained; move them to the device in the weight dtype."""
-    frozen = [p.base.vae] + ([] if p.cfg.train_text_encoder else [p.base.text_encoder])
+    """Freeze the VAE, and the text encoders unless they are trained; move them to the device in the weight dtype."""
+    frozen = [p.base.vae] + ([] if p.cfg.train_text_encoder else list(p.base.text_encoders.values()))
     for module in frozen:
         module.requires_grad_(False)
         place_module(module, p.device, p.weight_dtype)
 
 
-def setup_trainable(p: PreparedSubject) -> None:
-    """Freeze what is frozen, add LoRA adapters or unfreeze the UNet, move to the device."""
-    cfg, base = p.cfg, p.base
-    setup_frozen(p)
-    if cfg.method == "lora":
-        place_module(base.unet, p.device, p.weight_dtype)
-        add_lora(base.unet, cfg.lora_rank, cfg.lora_alpha, UNET_TARGETS, seed=cfg.seed)
+def quantize_frozen(p: PreparedSubject) -> None:
+    """With ``quantize_base=nf4``: the frozen denoiser's linear layers in 4-bit NormalFloat."""
+    if p.cfg.quantize_base == "nf4":
+        from dreamfleet.trainers.quantize import quantize_nf4
+
+        n = quantize_nf4(p.base.denoiser, p.weight_dtype, p.device)
+        log.info("%s: %d linear layers of the frozen %s in NF4", p.subject.subject_id, n, p.base.kind.denoiser)
+
+
+def _make_trainable(module: torch.nn.Module, p: PreparedSubject, targets, seed: int, *,
+                    quantize: bool = False) -> None:
+    """LoRA adapters on ``targets`` (method=lora; on the NF4 base with ``quantize`` and
+    quantize_base=nf4), or every weight unfrozen in fp32 (full)."""
+    if p.cfg.method == "lora":
+        place_module(module, p.device, p.weight_dtype)
+        if quantize:
+            quantize_frozen(p)
+        add_lora(module, p.cfg.lora_rank, p.cfg.lora_alpha, list(targets), seed=seed)
     else:
-        base.unet.requires_grad_(True)
-        place_module(base.unet, p.device, torch.float32)
-    if cfg.train_text_encoder:
-        if cfg.method == "lora":
-            place_module(base.text_encoder, p.device, p.weight_dtype)
-            add_lora(base.text_encoder, cfg.lora_rank, cfg.lora_alpha, TEXT_ENCODER_TARGETS, seed=cfg.seed + 1)
-        else:
-            base.text_encoder.requires_grad_(True)
-            place_module(base.text_encoder, p.device, torch.float32)
-        base.text_encoder.train()
+        module.requires_grad_(True)
+        place_module(module, p.device, torch.float32)
+
+
+def setup_trainable(p: PreparedSubject) -> None:
+    """Freeze what is frozen, add LoRA adapters or unfreeze the denoiser (and the text encoders
+    when they are trained), move to the device."""
+    cfg, base, kind = p.cfg, p.base, p.base.kind
+    setup_frozen(p)
+    _make_trainable(base.denoiser, p, kind.lora_targets, cfg.seed, quantize=True)
+    trained = list(base.text_encoders.values()) if cfg.train_text_encoder else []
+    for i, encoder in enumerate(trained):
+        _make_trainable(encoder, p, kind.text_encoder_lora_targets, cfg.seed + 1 + i)
+        encoder.train()
     # Trainable parameters stay fp32 (master weights) whatever the frozen weights' dtype.
-    for module in (base.unet, base.text_encoder):
+    for module in (base.denoiser, *trained):
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
     if cfg.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            base.text_encoder.gradient_checkpointing_enable()
-    base.unet.train()
+        base.denoiser.enable_gradient_checkpointing()
+        for encoder in trained:
+            encoder.gradient_checkpointing_enable()
+    base.denoiser.train()
+
+
+def free_text_encoders(p: PreparedSubject) -> None:
+    """Once the prompts are encoded (the objective caches them), the frozen text encoders (T5
+    included) leave the accelerator, as diffusers' Flux script frees them; validation brings
+    them back for its renders (:func:`text_encoders_on`)."""
+    if p.cfg.free_text_encoders and not p.cfg.train_text_encoder and p.device.type != "cpu":
+        for module in p.base.text_encoders.values():
+            module.to("cpu")
+        if p.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def text_encoders_on(p: PreparedSubject) -> Iterator[None]:
+    """The text encoders on the training device for the duration (validation renders)."""
+    away = [m for m in p.base.text_encoders.values() if next(m.parameters()).device != p.device]
+    for module in away:
+        module.to(p.device)
+    try:
+        yield
+    finally:
+        for module in away:
+            module.to("cpu")
 
 
 def loop_settings(p: PreparedSubject, *, progress: bool = True) -> LoopSettings:
@@ -386,17 +433,18 @@ def validation_images(p: PreparedSubject, prompts: list[str] | None = None, *, s
     fill = {"identifier": p.identifier, "class_noun": p.subject.class_noun}
     prompts = [t.format(**fill) for t in (prompts or cfg.validation_prompts)]
     pipe = p.base.pipeline()
-    was_training = p.base.unet.training
-    p.base.unet.eval()
+    denoiser = p.base.denoiser
+    was_training = denoiser.training
+    denoiser.eval()
     images = []
     gen_device = p.device if p.device.type == "cuda" else "cpu"
     for i, prompt in enumerate(prompts):
         gens = [torch.Generator(gen_device).manual_seed((seed if seed is not None else cfg.seed) + 1000 * i + j)
                 for j in range(cfg.num_validation_images)]
-        with torch.autocast(p.device.type, dtype=p.autocast_dtype, enabled=p.autocast_dtype is not None):
+        with text_encoders_on(p), torch.autocast(p.device.type, dtype=p.autocast_dtype, enabled=p.autocast_dtype is not None):
             images += pipe([prompt] * cfg.num_validation_images, height=cfg.resolution, width=cfg.resolution,
                            num_inference_steps=cfg.validation_inference_steps, generator=gens).images
-    p.base.unet.train(was_training)
+    denoiser.train(was_training)
     return images
 
 
@@ -449,23 +497,22 @@ def _write_weights(tmp: Path, p: PreparedSubject, unet_state, unet_lora: LoraWei
     """The trained weights into the expert folder being written; returns what it holds."""
     cfg, base = p.cfg, p.base
     if unet_lora is not None:
-        write_lora(tmp, unet_lora)
+        write_lora(tmp, {base.kind.denoiser: unet_lora}, base.kind)
         return ["pytorch_lora_weights.safetensors"]
     if cfg.method == "lora":
-        save_lora(tmp, base.unet, base.text_encoder if cfg.train_text_encoder else None, unet_state=unet_state)
+        save_lora(tmp, base, text_encoders=cfg.train_text_encoder, denoiser_state=unet_state)
         return ["pytorch_lora_weights.safetensors"]
+    name = base.kind.denoiser
     if unet_state is not None:
-        from diffusers import UNet2DConditionModel
-
-        full = UNet2DConditionModel.from_config(base.unet.config)
+        full = type(base.denoiser).from_config(base.denoiser.config)
         full.load_state_dict({k: v.float() for k, v in unet_state.items()})
-        full.save_pretrained(tmp / "unet", safe_serialization=True)
-        return ["unet"]
-    base.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    if not cfg.train_text_encoder:
-        return ["unet"]
-    base.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    return ["unet", "text_encoder"]
+        full.save_pretrained(tmp / name, safe_serialization=True)
+        return [name]
+    base.denoiser.save_pretrained(tmp / name, safe_serialization=True)
+    encoders = base.text_encoders if cfg.train_text_encoder else {}
+    for encoder, module in encoders.items():
+        module.save_pretrained(tmp / encoder, safe_serialization=True)
+    return [name, *encoders]
 
 
 def _expert_info(p: PreparedSubject, result: LoopResult, weights: list[str], wall_time_s: float,

@@ -27,6 +27,7 @@ from dreamfleet.trainers.dreambooth import (
     PreparedSubject,
     SubjectData,
     TrainResult,
+    free_text_encoders,
     loop_settings,
     prepare_subject,
     publish_expert,
@@ -74,6 +75,7 @@ class _Setup:
 def _setup_solo(p: PreparedSubject, work: Path, o: FitOptions) -> _Setup:
     setup_trainable(p)
     objective = DreamBoothObjective.from_prepared(p, rank=o.dist.rank)
+    free_text_encoders(p)
     settings = loop_settings(p, progress=o.progress and o.dist.is_main)
     engine = build_engine(objective, settings, o.dist, o.zero_stage, o.offload)
     write = o.dist.is_main  # every rank renders (ZeRO-3 forwards are collective); rank 0 writes
@@ -87,6 +89,7 @@ def _setup_packed(prepared: Sequence[PreparedSubject], works: Sequence[Path], o:
                           "and no --zero-stage or --offload")
     packed = setup_packed(prepared)
     objective = packed_objective(prepared, packed)
+    free_text_encoders(prepared[0])
     settings = packed_loop_settings(prepared, progress=o.progress)
     return _Setup(objective, settings, PackedEngine(objective, settings),
                   lambda step: save_packed_validation(packed, prepared, works, step),

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from dreamfleet.core.artifacts import atomic_dir, read_json, write_json
 from dreamfleet.core.errors import ConfigError
-from dreamfleet.trainers.config import LoopConfig, OptimizerConfig
+from dreamfleet.trainers.config import ADDED_FIELDS, LoopConfig, OptimizerConfig
 
 log = logging.getLogger("dreamfleet")
 
@@ -181,8 +181,14 @@ class LocalEngine:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
+    o = s.optimizer
+    if getattr(o, "optimizer", "adamw") == "adamw8bit":
+        import bitsandbytes as bnb  # 8-bit moments, block-wise quantised (Dettmers et al. 2022)
+
+        return bnb.optim.AdamW8bit(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
+                                   weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
     # foreach on CPU, fused on CUDA: both are the same AdamW maths, fewer kernel launches.
-    fused, o = s.device.type == "cuda", s.optimizer
+    fused = s.device.type == "cuda"
     return torch.optim.AdamW(
         params,
         lr=o.learning_rate,
@@ -244,6 +250,8 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
         if key in RESUME_FREE_FIELDS:
             continue
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if a == "<unset>" and not prefix and key in ADDED_FIELDS and b == ADDED_FIELDS[key]:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             changes += config_changes(a, b, f"{prefix}{key}.")
         elif a != b:

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import torch
 
-UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+from dreamfleet.core.families import Family, get_family
+from dreamfleet.core.families.sd import UNET_TARGETS as _SD_TARGETS
+from dreamfleet.core.models import BaseModel
+
+UNET_TARGETS = list(_SD_TARGETS)
 
 
 @dataclass
@@ -61,33 +64,28 @@ def initial_lora(unet: torch.nn.Module, rank: int, alpha: int, targets: list[str
     return weights
 
 
-def write_lora(folder: Path, unet: LoraWeights, text_encoder: LoraWeights | None = None) -> Path:
-    """Write ``pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights(folder)``."""
-    from diffusers import StableDiffusionPipeline
+def write_lora(folder: Path, adapters: dict[str, LoraWeights], family: Family | None = None) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` for ``{component: adapter}`` with the family
+    pipeline's ``save_lora_weights``, loadable by its ``load_lora_weights(folder)``."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
+    family = family or get_family("sd")
+
     def layers(w: LoraWeights) -> dict[str, torch.Tensor]:
-        sd = convert_state_dict_to_diffusers(w.layers)
+        sd = convert_state_dict_to_diffusers(w.layers) if family.convert_lora_keys else w.layers
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
-    kwargs = {"unet_lora_layers": layers(unet), "unet_lora_adapter_metadata": unet.metadata}
-    if text_encoder is not None:
-        kwargs["text_encoder_lora_layers"] = layers(text_encoder)
-        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.metadata
-    StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), safe_serialization=True, **kwargs)
+    family.save_lora(folder, {c: layers(w) for c, w in adapters.items()}, {c: w.metadata for c, w in adapters.items()})
     return folder / "pytorch_lora_weights.safetensors"
 
 
-def save_lora(
-    folder: Path,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None = None,
-    *,
-    unet_state: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write the PEFT adapters of ``unet`` (and ``text_encoder``) with :func:`write_lora`.
+def save_lora(folder: Path, base: BaseModel, *, text_encoders: bool,
+              denoiser_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the PEFT adapters of the base's denoiser (and text encoders) with :func:`write_lora`.
 
-    ``unet_state``: see :func:`lora_weights`.
+    ``denoiser_state``: see :func:`lora_weights`.
     """
-    te = lora_weights(text_encoder) if text_encoder is not None else None
-    return write_lora(folder, lora_weights(unet, unet_state), te)
+    adapters = {base.kind.denoiser: lora_weights(base.denoiser, denoiser_state)}
+    if text_encoders:
+        adapters.update({name: lora_weights(m) for name, m in base.text_encoders.items()})
+    return write_lora(folder, adapters, base.kind)

@@ -26,16 +26,18 @@ import torch.nn.functional as F
 
 from dreamfleet.core.config import to_dict
 from dreamfleet.core.errors import ConfigError
+from dreamfleet.core.families import cat_cond, cat_noisy
 from dreamfleet.trainers.dreambooth import (
     DreamBoothObjective,
     PreparedSubject,
     loop_settings,
     place_module,
+    quantize_frozen,
     save_validation_grid,
     setup_frozen,
 )
 from dreamfleet.trainers.loop import LocalEngine, LoopResult, LoopSettings
-from dreamfleet.trainers.lora import UNET_TARGETS, LoraWeights, initial_lora
+from dreamfleet.trainers.lora import LoraWeights, initial_lora
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
@@ -157,11 +159,10 @@ class PackedObjective:
     def loss(self, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batches = [o.batch(step, micro_step) for o in self.objectives]
         sizes = tuple(b.size for b in batches)
-        noisy_bchw = torch.cat([b.noisy_bchw for b in batches])
-        self.packed.select(self._route(sizes, noisy_bchw.device))
-        pred_bchw = self.forward_unet(
-            noisy_bchw, torch.cat([b.timesteps for b in batches]), torch.cat([b.cond for b in batches])
-        ).sample
+        noisy = cat_noisy([b.noisy for b in batches])
+        self.packed.select(self._route(sizes, noisy.noisy.device))
+        first = self.objectives[0]
+        pred_bchw = first.kind.predict(self.forward_unet, noisy, cat_cond([b.cond for b in batches]), first.cfg)
         total, names, values = None, [], []
         for sid, o, b, pred_s in zip(
             self.subject_ids, self.objectives, batches, pred_bchw.split(sizes), strict=True
@@ -247,14 +248,15 @@ def setup_packed(prepared: Sequence[PreparedSubject]) -> PackedLoRA:
     starts from: same rank, alpha, targets, seed) into stacked packed layers."""
     check_packable(prepared)
     p0 = prepared[0]
-    cfg, unet = p0.cfg, p0.base.unet
+    cfg, unet = p0.cfg, p0.base.denoiser
     setup_frozen(p0)
     place_module(unet, p0.device, p0.weight_dtype)
+    quantize_frozen(p0)
     inits: dict[int, LoraWeights] = {}
     for p in prepared:
         if p.cfg.seed not in inits:
             inits[p.cfg.seed] = initial_lora(
-                unet, cfg.lora_rank, cfg.lora_alpha, UNET_TARGETS, seed=p.cfg.seed
+                unet, cfg.lora_rank, cfg.lora_alpha, list(p0.base.kind.lora_targets), seed=p.cfg.seed
             )
     packed = PackedLoRA(unet, [inits[p.cfg.seed] for p in prepared])
     if cfg.gradient_checkpointing:

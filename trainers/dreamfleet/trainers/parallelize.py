@@ -99,8 +99,13 @@ class DeepSpeedEngine:
 
         if getattr(objective.cfg, "train_text_encoder", False):
             raise ConfigError("train_text_encoder is not supported with DeepSpeed ZeRO here; use --zero-stage 0")
+        for name, value, plain in (("optimizer", getattr(s.optimizer, "optimizer", "adamw"), "adamw"),
+                                   ("quantize_base", getattr(objective.cfg, "quantize_base", "no"), "no")):
+            if value != plain:
+                raise ConfigError(f"{name}={value!r} is not supported with DeepSpeed ZeRO (ZeRO shards its own "
+                                  f"AdamW states and fp32 weights); use --zero-stage 0 (DDP), or {name}={plain!r}")
         self.objective, self.s, o = objective, s, s.optimizer
-        params = [p for p in objective.unet.parameters() if p.requires_grad]
+        params = [p for p in objective.denoiser.parameters() if p.requires_grad]
         ds_config = {
             "train_micro_batch_size_per_gpu": objective.cfg.batch_size,
             "gradient_accumulation_steps": s.loop.gradient_accumulation_steps,
@@ -123,7 +128,7 @@ class DeepSpeedEngine:
             _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend="gloo" if s.device.type == "cpu" else "nccl")
         self.engine, _, _, _ = deepspeed.initialize(
-            model=objective.unet,
+            model=objective.denoiser,
             model_parameters=params,
             config=ds_config,
             lr_scheduler=lambda opt: make_scheduler(opt, s),
@@ -173,5 +178,5 @@ def build_engine(objective, s: LoopSettings, dist: DistContext, zero_stage: int,
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [s.device.index or 0] if s.device.type == "cuda" else None
-        objective.forward_unet = DistributedDataParallel(objective.unet, device_ids=device_ids)
+        objective.forward_unet = DistributedDataParallel(objective.denoiser, device_ids=device_ids)
     return LocalEngine(objective, s)

@@ -188,7 +188,7 @@ const views = {
           ? `<button class="small danger" data-cancel="${esc(r.run_id)}" ${meta.can_act ? "" : "disabled title='needs an admin key or a loopback client'"}>Cancel</button>` : "";
         return `<tr data-run="${esc(r.run_id)}"><td class="mono"><a href="#/run/${encodeURIComponent(r.run_id)}">${esc(r.run_id)}</a></td>
           <td>${badge(r.state)}</td><td class="mono" title="${esc(r.manifest)}">${esc(shortPath(r.manifest))}</td>
-          <td class="mono" title="${esc(r.base_model)}">${esc(shortPath(r.base_model))}</td><td>${fmtTime(r.started_at)}</td>
+          <td class="mono" title="${esc(r.base_model)}">${esc(shortPath(r.base_model))}${r.base_family ? ` <span class="family">${esc(r.base_family)}</span>` : ""}</td><td>${fmtTime(r.started_at)}</td>
           <td>${progressBar(r.counts, r.total)}</td><td class="num">${finished}/${r.total}</td>
           <td class="num">${(100 * r.fraction).toFixed(0)}%</td><td class="num">${fmtDur(r.elapsed_s)}</td>
           <td class="num">${r.state === "running" ? fmtDur(r.eta_s) : "–"}</td><td>${job}</td><td>${cancel}</td></tr>`;
@@ -214,7 +214,7 @@ const views = {
           <details class="panel" style="margin-top:16px"><summary>Config of this run</summary><pre class="config" id="run-config"></pre></details>`;
       }
       $("#run-head").innerHTML = `<h1><span class="mono-title">${esc(r.run_id)}</span> ${badge(r.state)}</h1>
-        <div class="panel"><dl class="kv"><dt>Manifest</dt><dd class="mono">${esc(r.manifest)}</dd><dt>Base model</dt><dd class="mono">${esc(r.base_model)}</dd>
+        <div class="panel"><dl class="kv"><dt>Manifest</dt><dd class="mono">${esc(r.manifest)}</dd><dt>Base model</dt><dd class="mono">${esc(r.base_model)}</dd><dt>Family</dt><dd>${esc(r.base_family || "–")}</dd>
         <dt>Started</dt><dd>${fmtTime(r.started_at)}${r.finished_at ? ` · finished ${fmtTime(r.finished_at)}` : ""}</dd>
         <dt>Elapsed / ETA</dt><dd>${fmtDur(r.elapsed_s)} / ${r.state === "running" ? fmtDur(r.eta_s) : "–"}</dd><dt>Ray job</dt><dd>${job}</dd>
         <dt>Progress</dt><dd>${progressBar(r.counts, r.total)}${legend(r.counts)}</dd></dl></div>`;
@@ -239,7 +239,7 @@ const views = {
       const versions = d.versions.length ? `<select id="version">${d.versions.slice().reverse().map(v => `<option ${v === d.version ? "selected" : ""}>${esc(v)}</option>`).join("")}</select>
         <button class="small danger" id="delete-version" ${meta.can_act ? "" : "disabled title='needs an admin key or a loopback client'"}>Delete ${esc(d.version)}</button>` : "";
       const facts = e ? [["Class", e.class_noun], ["Identifier", e.identifier], ["Prompt", e.instance_prompt], ["Method", e.method],
-        ["Base model", e.base_model && e.base_model.spec], ["Final loss", fmtNum(e.final_loss)], ["Training time", fmtDur(e.wall_time_s)],
+        ["Base model", e.base_model && e.base_model.spec], ["Family", e.base_model && e.base_model.family], ["Final loss", fmtNum(e.final_loss)], ["Training time", fmtDur(e.wall_time_s)],
         ["Photos", e.num_images], ["Tenant", e.tenant || "–"], ["Created", fmtTime(e.created_at)], ["Latest", d.latest || "–"],
         ["Code", codeVersion(e.code_version)]]
         .map(([k, v]) => `<dt>${k}</dt><dd>${esc(v ?? "–")}</dd>`).join("") : "";

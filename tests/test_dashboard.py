@@ -48,7 +48,8 @@ def registry(tmp_path) -> Registry:
     reg.update_state("dog1", state="done", run_id="run-a", step=5, total_steps=5, version="v0001")
     reg.update_state("dog2", state="failed", run_id="run-a", attempts=3, error="subject 'dog2': image 03.jpg is not readable")
     reg.update_state("cat1", state="training", run_id="run-a", step=2, total_steps=5, recent_losses=[0.9, 0.7])
-    reg.write_run("run-a", {"manifest": "/m/x", "base_model": "tiny-random", "subjects": ["dog1", "dog2", "cat1"],
+    reg.write_run("run-a", {"manifest": "/m/x", "base_model": "tiny-random", "base_family": "sd",
+                            "subjects": ["dog1", "dog2", "cat1"],
                             "skipped": [], "started_at": "2025-01-01T00:00:00+00:00", "state": "running", "job_id": None})
     return reg
 
@@ -65,6 +66,7 @@ def test_api_reads_runs_subjects_and_experts(registry):
     (run,) = runs["runs"]
     assert run["counts"] == {"training": 1, "queued": 0, "failed": 1, "done": 1, "skipped": 0}
     assert run["fraction"] == pytest.approx(0.8) and run["eta_s"] > 0
+    assert run["base_family"] == "sd"  # shown beside the base model (the run's family)
     table = {r["subject"]: r for r in c.get("/api/runs/run-a").json()["subjects"]}
     assert table["dog2"]["error"].startswith("subject 'dog2'") and table["dog2"]["attempts"] == 3
     assert table["cat1"]["recent_losses"] == [0.9, 0.7]

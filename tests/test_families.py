@@ -133,6 +133,19 @@ def test_it_loads_in_the_stock_pipeline_with_identical_output(family):
     assert np.array_equal(theirs, _render(ours, info.instance_prompt))
 
 
+def test_eval_renders_each_family_expert_at_its_native_size(family):
+    """What `dreamfleet eval` renders: the expert's pipeline at the base's native side, noise seed
+    ``seed + j`` per image, paired across models."""
+    from dreamfleet.eval.evaluate import EvalConfig, generate
+
+    pipe, info = open_expert(family["solo1"][0].expert_dir)
+    c = EvalConfig(num_inference_steps=2)
+    images = generate(pipe, [info.instance_prompt], 2, c)
+    assert [im.size for im in images[0]] == [(32, 32)] * 2
+    again = generate(pipe, [info.instance_prompt], 2, c)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images[0], again[0], strict=True))
+
+
 def test_sdxl_trains_text_encoder_lora_on_both_encoders_and_full(tmp_path):
     kw = {"class_cache": ClassImageCache(tmp_path / "cache"), "progress": False}
     r = train_subject(subject(0), "tiny-sdxl", config(train_text_encoder=True), tmp_path / "te", **kw)
@@ -247,3 +260,23 @@ def test_memory_features_train_the_same_kind_of_expert(tmp_path):
     param.grad = torch.randn_like(param)
     opt.step()
     assert isinstance(opt, bnb.optim.AdamW8bit) and opt.state[param]["state1"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_a_hub_id_resolves_to_its_family_from_the_hub_cache(name, tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub's snapshot resolution (here offline, from a cache
+    laid out as the hub writes it) and the folder's model_index.json names the family; an id
+    that is not cached gets the clear error."""
+    cache = tmp_path / "hub"
+    snapshot = cache / f"models--acme--{name}" / "snapshots" / ("0" * 40)
+    load_base(SPECS[name]).save_pretrained(snapshot)
+    (cache / f"models--acme--{name}" / "refs").mkdir()
+    (cache / f"models--acme--{name}" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    base = load_base(f"acme/{name}")
+    assert base.family == name and base.spec == f"acme/{name}"
+    with pytest.raises(ModelError, match="could not be found in the local Hugging Face cache"):
+        load_base("acme/not-cached")

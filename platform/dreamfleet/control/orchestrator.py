@@ -100,6 +100,16 @@ def subject_configs(manifest, manifest_uri: str, subjects: list[str], train_cfg:
     return configs
 
 
+def finished_subjects(registry, subjects: list[str]) -> list[str]:
+    """The subjects with a published expert and no unfinished state: a rerun skips them."""
+    done = []
+    for sid in subjects:
+        st = registry.get_state(sid)
+        if registry.latest(sid) and (st is None or st.state == "done"):
+            done.append(sid)
+    return done
+
+
 def run_fanout(
     manifest_uri: str,
     registry_uri: str,
@@ -121,12 +131,7 @@ def run_fanout(
     manifest = Manifest.open(manifest_uri)
     chosen = select_subjects(manifest, subjects)
     registry = Registry(registry_uri)
-    skipped = []
-    if not fan.retrain:
-        for sid in chosen:
-            st = registry.get_state(sid)
-            if registry.latest(sid) and (st is None or st.state == "done"):
-                skipped.append(sid)
+    skipped = [] if fan.retrain else finished_subjects(registry, chosen)
     todo = [s for s in chosen if s not in set(skipped)]
     configs = subject_configs(manifest, manifest_uri, todo, train_cfg, base_model)
     if fan.pack > 1 and train_cfg.method != "lora":

@@ -30,6 +30,19 @@ def _ddpm_scheduler():
     return DDPMScheduler.from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
 
 
+def _t5_config(tokenizer, d_model: int):
+    from transformers import T5Config
+
+    return T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def _flow_vae_config() -> dict:
+    """The tiny VAE with the shift and scale of the flow-matching families' VAEs (diffusers' test values)."""
+    return {**tiny_configs(1, 0, 0, 0)["vae"], "shift_factor": 0.0609, "scaling_factor": 1.5035,
+            "use_quant_conv": False, "use_post_quant_conv": False}
+
+
 def build_tiny_sdxl() -> BaseModel:
     """SDXL-shaped: two CLIP encoders (32 + 32 hidden), text_time micro-conditioning, 32 px."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -57,13 +70,10 @@ def build_tiny_flux() -> BaseModel:
     """Flux-shaped: CLIP pooled + T5 sequence, one double and one single block, guidance
     embedding (as [dev]), 4 latent channels packed 2x2, 32 px."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
-    t5 = T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
-                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    vae_cfg = {**tiny_configs(1, 0, 0, 0)["vae"], "shift_factor": 0.0609, "scaling_factor": 1.5035,
-               "use_quant_conv": False, "use_post_quant_conv": False}
+    t5, vae_cfg = _t5_config(tokenizer_2, d_model=32), _flow_vae_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         transformer = FluxTransformer2DModel(
@@ -87,13 +97,10 @@ def build_tiny_flux() -> BaseModel:
 def build_tiny_sd3() -> BaseModel:
     """SD3-shaped: CLIP-L and CLIP-G (with projections) + T5, one joint block, 2x2 patches, 32 px."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     tokenizer, tokenizer_3 = build_tiny_tokenizer(), build_tiny_t5_tokenizer(model_max_length=256)
-    t5 = T5Config(vocab_size=len(tokenizer_3), d_model=64, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
-                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    vae_cfg = {**tiny_configs(1, 0, 0, 0)["vae"], "shift_factor": 0.0609, "scaling_factor": 1.5035,
-               "use_quant_conv": False, "use_post_quant_conv": False}
+    t5, vae_cfg = _t5_config(tokenizer_3, d_model=64), _flow_vae_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         transformer = SD3Transformer2DModel(

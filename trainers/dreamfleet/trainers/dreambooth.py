@@ -543,6 +543,8 @@ def _expert_info(p: PreparedSubject, result: LoopResult, weights: list[str], wal
             "loss_first": history[0]["loss"] if history else None,
             "device": str(p.device),
             "precision": str(p.autocast_dtype).replace("torch.", "") if p.autocast_dtype else "fp32",
+            **({"cuda_peak_allocated_mb": round(torch.cuda.max_memory_allocated(p.device) / 2**20, 1)}
+               if p.device.type == "cuda" else {}),
             **(extra_stats or {}),
         },
     )

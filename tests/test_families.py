@@ -1,5 +1,6 @@
-"""Model families beyond SD 1.x/2.x (SDXL, Flux.1) through the trainer, packing, resume and the
-stock diffusers pipelines, on tiny models built in code (nothing is downloaded)."""
+"""Model families beyond SD 1.x/2.x (SDXL, SD3, Flux.1, Z-Image) through the trainer, packing,
+resume, eval and the stock diffusers pipelines, on tiny models built in code (nothing is
+downloaded). Each family is one parametrisation: adding one is a module plus a SPECS entry."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from dreamfleet.trainers.dreambooth import SubjectData, work_dir_for
 from dreamfleet.trainers.fit import train_packed, train_subject
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
-SPECS = {"sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
-STOCK = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+SPECS = {"sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux", "zimage": "tiny-zimage"}
+STOCK = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
+         "zimage": "ZImagePipeline"}
 SEEDS = (0, 1)
 
 
@@ -280,3 +282,17 @@ def test_a_hub_id_resolves_to_its_family_from_the_hub_cache(name, tmp_path, monk
     assert base.family == name and base.spec == f"acme/{name}"
     with pytest.raises(ModelError, match="could not be found in the local Hugging Face cache"):
         load_base("acme/not-cached")
+
+
+def test_a_rare_identifier_is_found_in_a_byte_level_vocabulary():
+    """Z-Image's Qwen tokenizer is byte-level BPE (``Ġsks``, not CLIP's ``sks</w>``): the rare
+    single-token identifier search finds the late-merged 3-letter words there too."""
+    from dreamfleet.core.identifiers import check_identifier, choose_identifier, rare_token_candidates
+
+    tok = load_base("tiny-zimage", fresh=False).tokenizer
+    rare = rare_token_candidates(tok)
+    assert rare and set(rare) <= {"sks", "zwx", "qlo", "vyk", "xjr", "pqd", "kzv", "bnq", "wuf", "yxo", "jhv", "zqp",
+                                  "fep", "dax", "lix", "mog", "nuv", "rox", "sib", "tep", "vod", "wex", "yun", "zor",
+                                  "kav", "gip", "hux", "jol", "kem", "lun", "mip", "nog", "piv", "quz", "rad", "suf",
+                                  "tiv", "uxo", "vep", "wib"}
+    assert check_identifier(tok, choose_identifier(tok, "dog0")) in rare

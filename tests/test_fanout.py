@@ -239,9 +239,10 @@ def test_pack_needs_lora_and_one_worker(manifest, tmp_path):
                    progress=False)
 
 
-# Flux under ZeRO-3 in `make test` (~70 s); SDXL under ZeRO-2 and SD3 under DDP in `make test-slow`.
+# Flux under ZeRO-3 in `make test` (~70 s); SDXL and Z-Image under ZeRO-2 and SD3 under DDP in `make test-slow`.
 @pytest.mark.parametrize(("spec", "zero_stage"), [pytest.param("tiny-sdxl", 2, marks=pytest.mark.slow),
                                                   pytest.param("tiny-sd3", 0, marks=pytest.mark.slow),
+                                                  pytest.param("tiny-zimage", 2, marks=pytest.mark.slow),
                                                   ("tiny-flux", 3)])
 def test_every_family_fans_out_on_two_workers(manifest, tmp_path, spec, zero_stage):
     """Each newer family through the fan-out: two workers per subject (DDP, or DeepSpeed ZeRO-2/3,

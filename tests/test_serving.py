@@ -59,7 +59,8 @@ def server(tmp_path_factory):
                "delta": train(tmp, "delta", 4, "bravo", method="full", train_text_encoder=True),
                "xl": train(tmp, "xl", 5, "bravo", base="tiny-sdxl", train_text_encoder=True),
                "sd3": train(tmp, "sd3", 7, "bravo", base="tiny-sd3"),
-               "flux": train(tmp, "flux", 6, "bravo", base="tiny-flux")}
+               "flux": train(tmp, "flux", 6, "bravo", base="tiny-flux"),
+               "zimage": train(tmp, "zimage", 8, "bravo", base="tiny-zimage")}
     for sid, folder in experts.items():
         reg.publish(sid, folder)
     keys = KeyStore(tmp / "reg" / "serving" / "keys.json")
@@ -154,9 +155,9 @@ def test_full_expert_with_text_encoder_is_served_as_plain_diffusers_renders_it(s
     assert np.abs(got - want).max() <= 1
 
 
-@pytest.mark.parametrize("sid", ["xl", "sd3", "flux"])
+@pytest.mark.parametrize("sid", ["xl", "sd3", "flux", "zimage"])
 def test_every_family_is_served_as_its_stock_pipeline_renders_it(server, sid):
-    """An SDXL expert (LoRA on the UNet and both text encoders), an SD3 and a Flux.1 expert, hot-swapped
+    """An SDXL expert (LoRA on the UNet and both text encoders), an SD3, a Flux.1 and a Z-Image expert, hot-swapped
     into their family's pipeline in the replica: the stock diffusers pipeline with
     ``load_lora_weights`` renders the same image (within one 8-bit level, as above); the OpenAI
     route serves them too."""

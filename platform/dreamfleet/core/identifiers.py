@@ -28,18 +28,27 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def _whole_word(token: str, clip_style: bool) -> str | None:
+    """The word a whole-word token stands for: CLIP marks a word's end (``sks</w>``), byte-level
+    BPE as in GPT-2 and Qwen marks the space before it (``Ġsks``)."""
+    marker = "</w>" if clip_style else "Ġ"
+    if clip_style:
+        return token[: -len(marker)] if token.endswith(marker) else None
+    return token[len(marker):] if token.startswith(marker) else None
+
+
 def rare_token_candidates(tokenizer, band: tuple[float, float] = RARE_BAND) -> list[str]:
     """Whole-word tokens of 2-3 ASCII letters in the rare band that round-trip to one token."""
     vocab = tokenizer.get_vocab()
-    n_merges = len(vocab) - ALPHABET_SIZE - len(tokenizer.all_special_tokens)
-    lo = ALPHABET_SIZE + int(band[0] * n_merges)
-    hi = ALPHABET_SIZE + int(band[1] * n_merges)
+    clip_style = any(tok.endswith("</w>") for tok in vocab)
+    alphabet = ALPHABET_SIZE if clip_style else ALPHABET_SIZE // 2  # byte-level: 256 bytes
+    n_merges = len(vocab) - alphabet - len(tokenizer.all_special_tokens)
+    lo = alphabet + int(band[0] * n_merges)
+    hi = alphabet + int(band[1] * n_merges)
     out = []
     for tok, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
-        if not (lo <= idx < hi) or not tok.endswith("</w>"):
-            continue
-        word = tok[: -len("</w>")]
-        if _CANDIDATE.match(word) and len(token_ids(tokenizer, f"a {word} dog")) == 3:
+        word = _whole_word(tok, clip_style) if lo <= idx < hi else None
+        if word and _CANDIDATE.match(word) and len(token_ids(tokenizer, f"a {word} dog")) == 3:
             out.append(word)
     return out
 
@@ -64,7 +73,8 @@ def check_identifier(tokenizer, identifier: str) -> str:
         raise ConfigError("identifier is empty; omit it to have a rare token chosen automatically")
     if identifier != identifier.strip() or " " in identifier:
         raise ConfigError(f"identifier {identifier!r} contains spaces; it must be a single word")
-    ids = token_ids(tokenizer, identifier)
+    # As it appears in a prompt, after a space (byte-level BPE, e.g. Qwen's, merges " sks", not "sks").
+    ids = token_ids(tokenizer, f"a {identifier}")[len(token_ids(tokenizer, "a")):]
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise ConfigError(

@@ -217,7 +217,7 @@ def _tiny(name: str) -> Callable[[], BaseModel]:
 
 BUILTIN_MODELS: dict[str, Callable[[], BaseModel]] = {
     "tiny-random": build_tiny_random, "tiny-sdxl": _tiny("sdxl"), "tiny-sd3": _tiny("sd3"),
-    "tiny-flux": _tiny("flux"),
+    "tiny-flux": _tiny("flux"), "tiny-zimage": _tiny("zimage"),
 }
 MODEL_ENTRY_POINTS = "dreamfleet.models"
 
@@ -345,10 +345,10 @@ def load_tokenizer(spec: str):
     if not path.exists() and spec.count("/") == 1:
         repo, _, revision = spec.partition("@")
         path = resolve_hub(repo, revision or None)
-    from transformers import CLIPTokenizer
+    from transformers import AutoTokenizer  # CLIP for the SD/SDXL/SD3/Flux families, Qwen for Z-Image
 
     try:
-        return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        return AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     except (OSError, ValueError) as e:
         raise ModelError(f"{spec}: cannot load its tokenizer ({e})") from None
 

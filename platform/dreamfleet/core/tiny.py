@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from dreamfleet.core.models import TINY_SEED, BaseModel, state_dict_hash, tiny_configs
-from dreamfleet.core.tokenizer import build_tiny_t5_tokenizer, build_tiny_tokenizer
+from dreamfleet.core.tokenizer import build_tiny_qwen_tokenizer, build_tiny_t5_tokenizer, build_tiny_tokenizer
 
 TINY_RESOLUTION = 32
 
@@ -117,4 +117,32 @@ def build_tiny_sd3() -> BaseModel:
         text_encoder=text_encoder.eval(), tokenizer=tokenizer, text_encoder_2=text_encoder_2.eval(),
         tokenizer_2=build_tiny_tokenizer(), text_encoder_3=text_encoder_3.eval(), tokenizer_3=tokenizer_3,
         noise_scheduler=scheduler, model_hash=state_dict_hash(*modules),
+    )
+
+
+def build_tiny_zimage() -> BaseModel:
+    """Z-Image-shaped: a Qwen3 text encoder, two single-stream blocks after one refiner block
+    each for noise and caption, 16 latent channels in 2x2 patches, 32 px."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_tiny_qwen_tokenizer()
+    vae_cfg = {**tiny_configs(1, 0, 0, 0)["vae"], "latent_channels": 16, "shift_factor": 0.1159,
+               "scaling_factor": 0.3611}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+            n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0,
+            t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+        vae = AutoencoderKL(**vae_cfg)
+        text_encoder = Qwen3Model(Qwen3Config(
+            hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+            head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    modules = (transformer, vae, text_encoder)
+    return BaseModel(
+        spec="tiny-zimage", family="zimage", transformer=transformer.eval(), vae=vae.eval(),
+        text_encoder=text_encoder.eval(), tokenizer=tokenizer, noise_scheduler=scheduler,
+        model_hash=state_dict_hash(*modules), extra={"resolution": TINY_RESOLUTION},
     )

@@ -14,6 +14,7 @@ import collections
 import functools
 import itertools
 import json
+import tempfile
 from pathlib import Path
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -129,4 +130,43 @@ def build_tiny_t5_tokenizer(model_max_length: int = 512):
     tok = T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
     tok.model_max_length = model_max_length
     assert len(tok) == len(_t5_pieces()), "the T5 tokenizer lost its vocabulary"
+    return tok
+
+
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen3's chat template reduced to what a text-to-image pipeline sends: user turns and the
+# assistant prompt (Z-Image encodes "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n").
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen_tokenizer(model_max_length: int = 512):
+    """A ``Qwen2TokenizerFast`` (byte-level BPE, Qwen's special tokens and chat template) over the
+    same word list, its merges learned by the ``tokenizers`` trainer until every word is one token
+    (the rare words, seen once, are merged last): no files, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tk.decoder = decoders.ByteLevel()
+    counts = {w: 1000 - i for i, w in enumerate(dict.fromkeys([*COMMON_WORDS, "user", "assistant"]))}
+    counts.update({w: 1 for w in RARE_WORDS if w not in counts})
+    corpus = [w for w, c in counts.items() for _ in range(min(c, 50))]
+    trainer = trainers.BpeTrainer(vocab_size=100_000, special_tokens=list(QWEN_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer=trainer)
+    tok = Qwen2TokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                             unk_token=None, bos_token=None)
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    # Through disk and back: the Qwen2 tokenizer class rebuilds its own pre-tokenizer (Qwen's
+    # split regex, no prefix space) on load, so the in-memory tokenizer must be that one too,
+    # or a base saved with save_pretrained would tokenize differently from the one it was.
+    with tempfile.TemporaryDirectory() as folder:
+        tok.save_pretrained(folder)
+        tok = Qwen2TokenizerFast.from_pretrained(folder)
+    tok.model_max_length = model_max_length
+    assert len(tok) == tk.get_vocab_size(), "the Qwen tokenizer lost its vocabulary"
     return tok

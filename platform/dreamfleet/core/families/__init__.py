@@ -13,7 +13,7 @@ from pathlib import Path
 from dreamfleet.core.errors import ModelError
 from dreamfleet.core.families.base import Cond, Family, NoisyBatch, Support, cat_cond, cat_noisy
 
-MODULES = ("sd", "sdxl", "sd3", "flux")
+MODULES = ("sd", "sdxl", "sd3", "flux", "zimage")
 
 __all__ = ["Cond", "Family", "NoisyBatch", "Support", "all_families", "cat_cond", "cat_noisy", "detect", "get_family"]
 

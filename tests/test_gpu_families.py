@@ -26,7 +26,7 @@ def cuda_config(**kw):
     return fast_config(**{"steps": 6, "learning_rate": 1e-2, "device": "cuda", "mixed_precision": "bf16", **kw})
 
 
-@pytest.mark.parametrize("spec", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("spec", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage"])
 def test_each_family_trains_in_bf16_on_cuda(spec, tmp_path):
     r = train_subject(subject(), spec, cuda_config(gradient_checkpointing=True), tmp_path / "e",
                       class_cache=ClassImageCache(tmp_path / "cache"), progress=False)

@@ -68,25 +68,28 @@ class ReferenceSDXL(ReferenceDreamBooth):
         with torch.autocast(self.device.type, dtype=self.mixed or torch.float32, enabled=self.mixed is not None):
             model_pred = self.unet(noisy, timesteps, torch.cat(embeds), added_cond_kwargs=added,
                                    return_dict=False)[0]
-        return self.prior_loss(model_pred.float(), noise, None)
-
-    def prior_loss(self, model_pred, target, weighting) -> torch.Tensor:
-        if weighting is None:
-            weighting = torch.ones_like(target[:, :1, :1, :1])
-        if self.prior:
-            model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-            target, target_prior = torch.chunk(target, 2, dim=0)
-            weighting, weighting_prior = torch.chunk(weighting, 2, dim=0)
-            prior_loss = torch.mean((weighting_prior.float() * (model_pred_prior.float() - target_prior.float()) ** 2)
-                                    .reshape(target_prior.shape[0], -1), 1).mean()
-        loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2)
-                          .reshape(target.shape[0], -1), 1).mean()
-        if self.prior:
-            loss = loss + self.cfg.prior_loss_weight * prior_loss
-        return loss
+        return script_loss(model_pred.float(), noise, None, self.prior, self.cfg.prior_loss_weight)
 
 
-class ReferenceFlux(ReferenceSDXL):
+def script_loss(model_pred, target, weighting, prior: bool, prior_loss_weight: float) -> torch.Tensor:
+    """The scripts' loss: the per-sample mean of ``weighting * (pred - target)^2`` (weight 1 in
+    the SDXL script's MSE), chunked into instance and prior halves with prior preservation."""
+    if weighting is None:
+        weighting = torch.ones_like(target[:, :1, :1, :1])
+    if prior:
+        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
+        target, target_prior = torch.chunk(target, 2, dim=0)
+        weighting, weighting_prior = torch.chunk(weighting, 2, dim=0)
+        prior_loss = torch.mean((weighting_prior.float() * (model_pred_prior.float() - target_prior.float()) ** 2)
+                                .reshape(target_prior.shape[0], -1), 1).mean()
+    loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2)
+                      .reshape(target.shape[0], -1), 1).mean()
+    if prior:
+        loss = loss + prior_loss_weight * prior_loss
+    return loss
+
+
+class ReferenceFlux(ReferenceDreamBooth):
     """train_dreambooth_lora_flux.py: LoRA on the transformer's attention and feed-forward
     projections; CLIP pooled + T5 embeddings and ``text_ids`` once; per step VAE latents
     ``(x - shift) * scale``, flow-matching noise at sampled σ (``get_sigmas`` looks each
@@ -95,10 +98,8 @@ class ReferenceFlux(ReferenceSDXL):
     TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                "ff_context.net.2")
-    VAE_DTYPE = None
-
     def __init__(self, p):
-        ReferenceDreamBooth.__init__(self, p)
+        super().__init__(p)
         self.scheduler_copy = copy.deepcopy(self.noise_scheduler)
         with torch.no_grad():
             self.inst_embeds, self.inst_pooled = self.encode_prompt(p.base, p.instance_prompt)
@@ -158,7 +159,7 @@ class ReferenceFlux(ReferenceSDXL):
                                                   width=w * self.p.base.vae_scale_factor,
                                                   vae_scale_factor=self.p.base.vae_scale_factor)
         weighting = compute_loss_weighting_for_sd3(weighting_scheme=cfg.weighting_scheme, sigmas=sigmas)
-        return self.prior_loss(model_pred, noise - model_input, weighting)
+        return script_loss(model_pred, noise - model_input, weighting, self.prior, self.cfg.prior_loss_weight)
 
 
 REFERENCES = {"sdxl": ReferenceSDXL, "flux": ReferenceFlux}

@@ -31,10 +31,9 @@ def token_ids(tokenizer, text: str) -> list[int]:
 def _whole_word(token: str, clip_style: bool) -> str | None:
     """The word a whole-word token stands for: CLIP marks a word's end (``sks</w>``), byte-level
     BPE as in GPT-2 and Qwen marks the space before it (``Ġsks``)."""
-    marker = "</w>" if clip_style else "Ġ"
     if clip_style:
-        return token[: -len(marker)] if token.endswith(marker) else None
-    return token[len(marker):] if token.startswith(marker) else None
+        return token.removesuffix("</w>") if token.endswith("</w>") else None
+    return token.removeprefix("Ġ") if token.startswith("Ġ") else None
 
 
 def rare_token_candidates(tokenizer, band: tuple[float, float] = RARE_BAND) -> list[str]:

@@ -213,18 +213,18 @@ class ApprenticeObjective:
 
     def __init__(self, p: PreparedApprentice, rank: int = 0):
         self.p, self.cfg, self.rank = p, p.cfg, rank
-        self.unet = self.denoiser = p.base.unet
+        self.denoiser = p.base.unet
         self.forward_unet = p.base.unet  # a distributed runtime swaps in its DDP wrapper
         self.scheduler = p.base.noise_scheduler
         self.modules = torch.nn.ModuleDict({
-            "image_proj": self.unet.encoder_hid_proj,
+            "image_proj": self.denoiser.encoder_hid_proj,
             "ip_layers": torch.nn.ModuleList(
-                [m for n, m in self.unet.named_modules() if n.endswith("attn2.processor")]),
+                [m for n, m in self.denoiser.named_modules() if n.endswith("attn2.processor")]),
         })
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         if self.cfg.train_unet:
-            return {"unet": self.unet}
+            return {"unet": self.denoiser}
         return dict(self.modules.items())
 
     def batch(self, step: int, micro_step: int):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dreamfleet.core.families import Family, get_family
+from dreamfleet.core.families import Family
 from dreamfleet.core.families.sd import UNET_TARGETS as _SD_TARGETS
 from dreamfleet.core.models import BaseModel
 
@@ -64,12 +64,10 @@ def initial_lora(unet: torch.nn.Module, rank: int, alpha: int, targets: list[str
     return weights
 
 
-def write_lora(folder: Path, adapters: dict[str, LoraWeights], family: Family | None = None) -> Path:
+def write_lora(folder: Path, adapters: dict[str, LoraWeights], family: Family) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` for ``{component: adapter}`` with the family
     pipeline's ``save_lora_weights``, loadable by its ``load_lora_weights(folder)``."""
     from diffusers.utils import convert_state_dict_to_diffusers
-
-    family = family or get_family("sd")
 
     def layers(w: LoraWeights) -> dict[str, torch.Tensor]:
         sd = convert_state_dict_to_diffusers(w.layers) if family.convert_lora_keys else w.layers

@@ -6,6 +6,7 @@ Adding a family is one module defining ``FAMILY`` (a :class:`~.base.Family`) plu
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ MODULES = ("sd", "sdxl", "sd3", "flux", "zimage")
 __all__ = ["Cond", "Family", "NoisyBatch", "Support", "all_families", "cat_cond", "cat_noisy", "detect", "get_family"]
 
 
+@functools.cache
 def all_families() -> dict[str, Family]:
     return {name: importlib.import_module(f"{__name__}.{name}").FAMILY for name in MODULES}
 

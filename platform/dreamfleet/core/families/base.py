@@ -65,7 +65,6 @@ class Support:
 
     full: str = "yes"
     text_encoder_lora: str = "yes"
-    pack: str = "yes"
     apprentice: str = "no: the apprentice's encoder attaches to a Stable Diffusion 1.x/2.x UNet"
 
 
@@ -148,22 +147,23 @@ class Family:
 
     # ------------------------------------------------------------------ prompts
 
+    @staticmethod
+    def tokenizer(base: BaseModel, encoder: str) -> Any:
+        """The tokenizer of a text encoder (``text_encoder_2`` -> ``tokenizer_2``)."""
+        return getattr(base, encoder.replace("text_encoder", "tokenizer"))
+
     def max_length(self, base: BaseModel, encoder: str) -> int:
-        return int(getattr(base, encoder.replace("text_encoder", "tokenizer")).model_max_length)
+        return int(self.tokenizer(base, encoder).model_max_length)
 
     def tokenize(self, base: BaseModel, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Token ids per text encoder, padded as the family's pipeline pads them."""
-        out = {}
-        for encoder in self.text_encoders:
-            tok = getattr(base, encoder.replace("text_encoder", "tokenizer"))
-            out[encoder] = tok(prompts, padding="max_length", max_length=self.max_length(base, encoder),
-                               truncation=True, return_tensors="pt").input_ids.to(device)
-        return out
+        return {e: self.tokenizer(base, e)(prompts, padding="max_length", max_length=self.max_length(base, e),
+                                           truncation=True, return_tensors="pt").input_ids.to(device)
+                for e in self.text_encoders}
 
     def prompt_tokens(self, base: BaseModel) -> list[tuple[Any, int]]:
         """(tokenizer, limit) pairs a prompt must fit."""
-        return [(getattr(base, e.replace("text_encoder", "tokenizer")), self.max_length(base, e))
-                for e in self.text_encoders]
+        return [(self.tokenizer(base, e), self.max_length(base, e)) for e in self.text_encoders]
 
     def encode(self, base: BaseModel, ids: dict[str, torch.Tensor]) -> Cond:
         raise NotImplementedError

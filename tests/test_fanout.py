@@ -150,6 +150,7 @@ def test_killed_worker_resumes_from_checkpoint(manifest, tmp_path):
     assert len(info.train_stats) and Path(reg.fetch("cat1")).is_dir()
 
 
+@pytest.mark.slow  # ~100 s; the registry's own two-writer test (test_registry.py) is in `make test`
 def test_two_orchestrators_on_one_registry(manifest, tmp_path):
     """Two fan-out drivers at once, overlapping on one subject, publishing into one registry."""
     reg_uri = str(tmp_path / "reg")

@@ -78,6 +78,32 @@ def wait_for_job(address: str, job_id: str, timeout: float = 300) -> dict:
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
 
 
+def test_submit_runs_on_a_real_head_and_reports(ray_head, tmp_path):
+    """`dreamfleet submit` to a real head: the job trains and publishes its subject, closes its
+    run, and `dreamfleet status` reports it (the driver-kill resume below is the long version)."""
+    from dreamfleet.registry import Registry
+
+    subject_folder(tmp_path / "src", "dog1", n=3)
+    (tmp_path / "src" / "classes.csv").write_text("subject_id,class_noun\ndog1,dog\n")
+    r = dreamfleet("manifest", "build", "--from-folders", str(tmp_path / "src"), "--out", str(tmp_path / "man"),
+                   "--min-side", "32")
+    assert r.returncode == 0, r.stderr
+    r = dreamfleet("submit", str(tmp_path / "man"), "--address", ray_head, "--out", str(tmp_path / "reg"),
+                   "--python", sys.executable, "--steps", "4", "--no-with-prior-preservation",
+                   "--validation-inference-steps", "2", "--num-validation-images", "1")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("dreamfleet-")
+    state = wait_for_job(ray_head, job_id)["status"]
+    status = dreamfleet("status", job_id, "--address", ray_head)
+    assert state == "SUCCEEDED" and "SUCCEEDED" in status.stdout, (state, status.stdout + status.stderr)
+    assert "1 done" in status.stdout
+    reg = Registry(tmp_path / "reg")
+    assert reg.run(job_id)["state"] == "finished" and reg.versions("dog1") == ["v0001"]
+    assert reg.expert_info("dog1").train_stats["steps_executed"] == 4
+
+
+@pytest.mark.slow  # ~5 min on 2 cores: two drivers, each starting its worker groups
 def test_submit_driver_killed_then_resubmitted_resumes(ray_head, tmp_path):
     """`dreamfleet submit` to a real head; the job's driver dies (SIGKILL) mid-subject and
     takes its worker groups with it; the same submission again resumes each subject from its

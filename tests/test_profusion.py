@@ -1,0 +1,182 @@
+"""ProFusion: PromptNet, S* injection and Fusion Sampling (the CPU checks of ../shared/PROFUSION.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dreamfleet.core.fusion import FusionParams, FusionPipeline, FusionSampler, fusion_update, reference_prompt
+from dreamfleet.core.models import load_base
+from dreamfleet.core.profusion import (
+    Injector,
+    PromptNet,
+    PromptNetArch,
+    PromptNetSubject,
+    embeddings_of,
+    load_image_encoder,
+    reference_inputs,
+)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny-random")
+
+
+def ddim(base, **kw):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(base.noise_scheduler.config, **kw)
+
+
+def test_closed_form_fusion_update_is_a_ddim_sigma_step_then_a_renoise(base):
+    """η_f = 1: one DDIM-σ step to t−1 (diffusers' own DDIM step, eta=1) and the forward
+    re-noise back to t give the closed form, with its one noise z made of the two draws."""
+    s = ddim(base, clip_sample=False)
+    s.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x, eps, z1, z2 = (torch.randn(2, 4, 16, 16, generator=g) for _ in range(4))
+    for t in s.timesteps[:-1]:
+        a_t = float(s.alphas_cumprod[int(t)])
+        a_p = float(s.alphas_cumprod[int(t) - 100])
+        x_p = s.step(eps, t, x, eta=1.0, variance_noise=z1).prev_sample
+        two_step = (a_t / a_p) ** 0.5 * x_p + (1 - a_t / a_p) ** 0.5 * z2
+        var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+        spread = (var * (1 - a_t) * (2 - 2 * a_p - var)) ** 0.5 / (1 - a_p)
+        z = (var**0.5 * (a_t / a_p) ** 0.5 * z1 + (1 - a_t / a_p) ** 0.5 * z2) / spread
+        torch.testing.assert_close(fusion_update(x, eps, a_t, a_p, 1.0, z), two_step, atol=2e-5, rtol=1e-5)
+
+
+def test_eta_f_zero_is_the_identity(base):
+    x, eps, z = torch.randn(3, 1, 4, 8, 8)
+    assert torch.equal(fusion_update(x, eps, 0.5, 0.6, 0.0, z), x)
+    pipe = base.pipeline()
+    fp = FusionPipeline(pipe, identifier="sks", class_noun="dog")
+    kw = dict(generator=torch.Generator().manual_seed(0), output_type="latent")
+    plain = fp("a sks dog", params=FusionParams(num_inference_steps=3, refine_step=0), **kw)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    fused = fp("a sks dog", params=FusionParams(num_inference_steps=3, refine_step=2, refine_eta=0.0), **kw)
+    assert torch.equal(plain, fused)
+
+
+def test_k0_w2_0_is_stock_ddim_classifier_free_guidance_bit_for_bit(base):
+    pipe = base.pipeline()
+    pipe.scheduler = ddim(base)
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(["a sks dog", "a sks dog on the beach"], num_inference_steps=4, guidance_scale=6.0, eta=0.0,
+                 num_images_per_prompt=2, generator=torch.Generator().manual_seed(3), output_type="np").images
+    fp = FusionPipeline(pipe, identifier="sks", class_noun="dog")
+    ours = fp(["a sks dog", "a sks dog on the beach"], num_images_per_prompt=2,
+              params=FusionParams(num_inference_steps=4, guidance_scale=6.0, guidance_scale_ref=0.0, refine_step=0),
+              generator=torch.Generator().manual_seed(3), output_type="np")
+    assert ours.shape == stock.shape == (4, 32, 32, 3)
+    assert np.array_equal(ours, stock)
+
+
+def test_the_hook_with_the_placeholders_own_embedding_changes_nothing(base):
+    te = base.text_encoder
+    ids = base.tokenizer(["a sks dog", "sks on a beach"], padding="max_length", max_length=base.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    sks = base.tokenizer("sks", add_special_tokens=False).input_ids
+    assert len(sks) == 1
+    mask = ids == sks[0]
+    with torch.no_grad():
+        plain = te(ids)[0]
+        own = embeddings_of(te)(input_ids=ids)[mask].reshape(2, 1, -1)
+        injector = Injector(te)
+        with injector.inject(mask, own):
+            hooked = te(ids)[0]
+        with injector.inject(mask, torch.randn_like(own)):
+            other = te(ids)[0]
+        injector.remove()
+        after = te(ids)[0]
+    assert torch.equal(hooked, plain) and torch.equal(after, plain)
+    assert not torch.allclose(other, plain)
+    with pytest.raises(ValueError, match="placeholder token"):
+        with Injector(te).inject(mask, torch.zeros(2, 2, own.shape[-1])):
+            pass
+
+
+@pytest.mark.parametrize(("k", "n"), [(None, 1), (8, 1), (4, 4), (2, 16), (1, 64)])
+def test_token_count_follows_the_latent_size(base, k, n):
+    """N = (H_latent / (8k))²: a 64x64 latent gives one token at k = 8."""
+    config = {**base.unet.config, "sample_size": 64}
+    net = PromptNet(config, text_dim=32, image_dim=4, arch=PromptNetArch(k=k))
+    assert net.num_tokens() == n
+    x = torch.randn(1, 4, 64, 64)
+    with torch.no_grad():
+        s = net(x, torch.tensor(10), torch.randn(1, 5, 4), x)
+    assert s.shape == (1, n, 32)
+    assert net.num_tokens(128) == 4 * n  # twice the latent side: four times the tokens
+
+
+def test_promptnet_backbone_starts_as_the_unets_encoder_half(base):
+    net = PromptNet.from_unet(base.unet, 32, 4, PromptNetArch())
+    unet = base.unet.state_dict()
+    own = net.backbone.state_dict()
+    assert own and all(torch.equal(v, unet[k]) for k, v in own.items())
+    assert not any(k.startswith("up_blocks") for k in own)
+
+
+def _subject(base, photo):
+    enc = load_image_encoder("vae", base)
+    net = PromptNet.from_unet(base.unet, base.text_encoder.config.hidden_size, enc.hidden_size, PromptNetArch()).eval()
+    with torch.no_grad():
+        x0, tokens = reference_inputs(photo, base.vae, enc, base.resolution)
+    return PromptNetSubject(net, Injector(base.text_encoder), "sks", x0, tokens)
+
+
+def test_fusion_sampling_batches_two_in_the_fusion_stage(base):
+    """K = 1 with w2 > 0, two prompts x two images: the fusion stage runs the UNet on a batch of
+    2 per image (∅, C^γ), the refinement on 3 (∅, C, C̃); PromptNet runs once per stage."""
+    from PIL import Image
+
+    pipe = base.pipeline()
+    subject = _subject(base, Image.new("RGB", (40, 40), (200, 30, 30)))
+    fp = FusionPipeline(pipe, identifier="sks", class_noun="dog", subject=subject)
+    batches, promptnet_calls = [], []
+    h1 = pipe.unet.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    h2 = subject.promptnet.register_forward_pre_hook(lambda m, a: promptnet_calls.append(a[0].shape[0]))
+    params = FusionParams(num_inference_steps=3, refine_step=1, guidance_scale_ref=5.0, guidance_scale=7.0)
+    images = fp(["a [S*] on the beach", "a photo of sks dog"], num_images_per_prompt=2, params=params,
+                generator=torch.Generator().manual_seed(0))
+    h1.remove(), h2.remove()
+    assert len(images) == 4 and images[0].size == (32, 32)
+    assert batches == [8, 12] * 3
+    assert promptnet_calls == [4, 4] * 3
+
+
+def test_reference_prompt_puts_the_class_noun_in_the_identifiers_place():
+    assert reference_prompt("a sks dog on the beach", "sks", "dog") == "a dog on the beach"
+    assert reference_prompt("a photo of sks", "sks", "teddy bear") == "a photo of teddy bear"
+    assert reference_prompt("sks teddy bear", "sks", "teddy bear") == "teddy bear"
+
+
+def test_fusion_params_refuse_unknown_names():
+    from dreamfleet.core.errors import ConfigError
+
+    assert FusionParams.from_request({"refine_step": 1}).refine_step == 1
+    with pytest.raises(ConfigError, match="guidance"):
+        FusionParams.from_request({"guidance": 3})
+
+
+def test_v_prediction_is_converted_to_epsilon(base):
+    """A v-prediction UNet sampled through ε: with x_t = sqrt(ā)x0 + sqrt(1−ā)ε and the
+    exact v, the converted output is ε."""
+    config = {**base.noise_scheduler.config, "prediction_type": "v_prediction"}
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 1, 4, 16, 16, generator=g)
+    t = torch.tensor(500)
+    sampler = FusionSampler(None, config, FusionParams(num_inference_steps=4))
+    a = sampler.scheduler.alphas_cumprod[500]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    class Exact(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states, return_dict=False):
+            return (v.repeat(x.shape[0], 1, 1, 1),)
+
+    sampler.unet = Exact()
+    (out,) = sampler.eps(xt, t, [torch.zeros(1, 2, 3)])
+    torch.testing.assert_close(out, eps, atol=1e-5, rtol=1e-5)

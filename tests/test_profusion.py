@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from dreamfleet.core.fusion import FusionParams, FusionPipeline, FusionSampler, fusion_update, reference_prompt
+from dreamfleet.core.fusion import (
+    FusionParams,
+    FusionPipeline,
+    FusionSampler,
+    fusion_update,
+    reference_prompt,
+)
 from dreamfleet.core.models import load_base
 from dreamfleet.core.profusion import (
     Injector,
@@ -93,9 +100,8 @@ def test_the_hook_with_the_placeholders_own_embedding_changes_nothing(base):
         after = te(ids)[0]
     assert torch.equal(hooked, plain) and torch.equal(after, plain)
     assert not torch.allclose(other, plain)
-    with pytest.raises(ValueError, match="placeholder token"):
-        with Injector(te).inject(mask, torch.zeros(2, 2, own.shape[-1])):
-            pass
+    with pytest.raises(ValueError, match="placeholder token"), Injector(te).inject(mask, torch.zeros(2, 2, own.shape[-1])):
+        pass
 
 
 @pytest.mark.parametrize(("k", "n"), [(None, 1), (8, 1), (4, 4), (2, 16), (1, 64)])
@@ -180,3 +186,146 @@ def test_v_prediction_is_converted_to_epsilon(base):
     sampler.unet = Exact()
     (out,) = sampler.eps(xt, t, [torch.zeros(1, 2, 3)])
     torch.testing.assert_close(out, eps, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    """Three subjects of 3 photos and one whose stored bytes are corrupt."""
+    from helpers import subject_folder
+
+    from dreamfleet.data.build import BuildConfig
+    from dreamfleet.data.manifest import Manifest, build_from_folders
+
+    root = tmp_path_factory.mktemp("profusion")
+    src = root / "src"
+    for i, name in enumerate(["dog1", "dog2", "cat1", "broken"]):
+        subject_folder(src, name, n=3, seed=i)
+    (src / "classes.csv").write_text("subject_id,class_noun\ndog1,dog\ndog2,dog\ncat1,cat\nbroken,dog\n")
+    out = root / "manifest"
+    build_from_folders(src, src / "classes.csv", out, BuildConfig(min_side=32))
+    rec = Manifest.open(out).record("broken")
+    shard = out / rec.shards[0]
+    data = bytearray(shard.read_bytes())
+    data[rec.shard_offsets[0] + 600:rec.shard_offsets[0] + 664] = bytes(64)
+    shard.write_bytes(bytes(data))
+    return str(out)
+
+
+def pn_config(**kw):
+    from dreamfleet.trainers.profusion import PromptNetConfig
+
+    return PromptNetConfig(**{"steps": 4, "batch_size": 4, "learning_rate": 1e-4, "checkpoint_every": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def promptnet(manifest, tmp_path_factory):
+    from dreamfleet.trainers.profusion import pretrain_promptnet
+
+    out = tmp_path_factory.mktemp("pn") / "promptnet"
+    info = pretrain_promptnet(manifest, "tiny-random", pn_config(), out, progress=False)
+    return out, info
+
+
+def _grads(modules: dict[str, torch.nn.Module]) -> dict[str, set[str]]:
+    return {name: {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+            for name, m in modules.items()}
+
+
+def test_pretraining_reads_the_manifest_skips_the_broken_subject_and_records(promptnet):
+    out, info = promptnet
+    assert info.dataset["subjects"] == 3 and info.dataset["images"] == 9
+    assert list(info.dataset["skipped"]) == ["broken"] and "hash" in info.dataset["skipped"]["broken"]
+    assert info.train_stats["steps"] == 4 and info.config["steps"] == 4 and info.code_version
+    assert info.base_model["spec"] == "tiny-random" and info.arch["image_encoder"] == "vae"
+    assert (out / "promptnet.safetensors").is_file() and not (out.parent / ".promptnet.work").exists()
+
+
+def test_pretraining_sends_gradients_to_promptnet_only(manifest):
+    from dreamfleet.trainers.profusion import ProFusionObjective, manifest_photos, prepare
+
+    base = load_base("tiny-random")
+    photos, nouns, _ = manifest_photos(manifest)
+    p = prepare(base, pn_config(), None, "sks", photos, nouns, "other")
+    loss, metrics = ProFusionObjective(p).loss(0, 0)
+    loss.backward()
+    assert set(metrics) == {"loss", "mse", "s_star_norm"}
+    grads = _grads({"promptnet": p.promptnet, **base.modules()})
+    trainable = {n for n, q in p.promptnet.named_parameters()}
+    assert grads["promptnet"] and grads["promptnet"] <= trainable
+    assert len(grads["promptnet"]) > 0.9 * len(trainable)  # the backbone, the x_t branch, heads, output
+    assert all(not g for name, g in grads.items() if name != "promptnet")
+    assert all(p.refs[i] != [i] for i in range(len(photos)))  # another photo of the subject as the reference
+
+
+def test_customisation_trains_promptnet_and_the_unets_qkv_only(promptnet):
+    from PIL import Image
+
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.profusion import CustomizeConfig, ProFusionObjective, prepare_customization
+
+    subject = SubjectData("ball", "ball", [Image.new("RGB", (48, 48), (250, 200, 0))])
+    p, _ = prepare_customization(subject, "tiny-random", CustomizeConfig(steps=2, views=3, promptnet=str(promptnet[0])))
+    loss, _ = ProFusionObjective(p, train_qkv=True).loss(0, 0)
+    loss.backward()
+    grads = _grads({"promptnet": p.promptnet, **p.base.modules()})
+    assert grads["promptnet"]
+    assert grads["unet"] and all("lora" in n and n.split(".")[-4] in ("to_q", "to_k", "to_v") for n in grads["unet"])
+    assert {n.split(".")[-4] for n in grads["unet"]} == {"to_q", "to_k", "to_v"}
+    assert not grads["vae"] and not grads["text_encoder"]
+    assert len(p.mean) == 4 and p.refs[0] == [0, 1, 2, 3]  # the photo and 3 views; references drawn from all
+
+
+def test_customised_expert_is_sampled_with_fusion_sampling(promptnet, tmp_path):
+    from dreamfleet.core.expert import ExpertInfo, open_expert
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.profusion import CustomizeConfig, customize_subject
+
+    photo = Image.new("RGB", (40, 40), (20, 120, 220))
+    subject = SubjectData("blue", "ball", [photo])
+    info = customize_subject(subject, "tiny-random", CustomizeConfig(steps=3, views=3, promptnet=str(promptnet[0])),
+                             tmp_path / "expert", progress=False)
+    assert info.method == "profusion" and info.num_images == 1 and info.identifier == promptnet[1].placeholder_token
+    assert info.train_stats["qkv_lora_bytes"] > 0 and info.train_stats["views"] == 4
+    assert ExpertInfo.read(tmp_path / "expert").config["promptnet"] == str(promptnet[0])
+    pipe, _ = open_expert(tmp_path / "expert")
+    assert isinstance(pipe, FusionPipeline) and pipe.subject.n_tokens == 1
+    images = pipe("a [S*] ball on the beach", num_images_per_prompt=2,
+                  params=FusionParams(num_inference_steps=3, refine_step=1), generator=torch.Generator().manual_seed(0))
+    assert len(images) == 2 and images[0].size == (32, 32)
+
+
+def test_customisation_refuses_what_it_cannot_use(promptnet, tmp_path):
+    from dreamfleet.core.errors import ConfigError
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.profusion import CustomizeConfig, customize_subject
+
+    subject = SubjectData("blue", "ball", [Image.new("RGB", (40, 40), (20, 120, 220))])
+    with pytest.raises(ConfigError, match="--promptnet"):
+        customize_subject(subject, "tiny-random", CustomizeConfig(steps=1), tmp_path / "a")
+    with pytest.raises(ConfigError, match="pre-trained on base 'tiny-random'"):
+        customize_subject(subject, "tiny-sdxl", CustomizeConfig(steps=1, promptnet=str(promptnet[0])), tmp_path / "b")
+    with pytest.raises(ConfigError, match="ProFusion does not support"):
+        from dreamfleet.trainers.profusion import pretrain_promptnet
+
+        pretrain_promptnet(promptnet[1].dataset["uri"], "tiny-sdxl", pn_config(), tmp_path / "c")
+
+
+def test_pretraining_resumes_where_it_stopped(manifest, promptnet, tmp_path):
+    """Stopped after step 2 and run again: the same PromptNet as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from dreamfleet.trainers.loop import LoopHooks
+    from dreamfleet.trainers.profusion import Stopped, pretrain_promptnet
+
+    out = tmp_path / "pn"
+    seen = []
+    stop = LoopHooks(on_step=lambda step, m: seen.append(step), should_stop=lambda: len(seen) >= 2)
+    with pytest.raises(Stopped, match="stopped at step 2 of 4"):
+        pretrain_promptnet(manifest, "tiny-random", pn_config(), out, progress=False, hooks=stop)
+    info = pretrain_promptnet(manifest, "tiny-random", pn_config(), out, progress=False)
+    assert info.train_stats["resumed_from"] == 2
+    a, b = load_file(str(out / "promptnet.safetensors")), load_file(str(promptnet[0] / "promptnet.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

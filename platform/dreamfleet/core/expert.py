@@ -3,7 +3,8 @@
 An expert is a folder, written atomically::
 
     expert.json                           # ExpertInfo below
-    pytorch_lora_weights.safetensors      # method=lora (diffusers LoRA format)
+    pytorch_lora_weights.safetensors      # method=lora (diffusers LoRA format); profusion: the q/k/v LoRA
+    promptnet/                            # method=profusion: the customised PromptNet (core.profusion)
     unet/ [text_encoder/]                 # method=full (diffusers save_pretrained, safetensors)
     validation/step-NNNNNNNN.png          # validation grids (rows: prompts)
     instance/NN.png                       # the training photos as used (normalised, downscaled)
@@ -102,6 +103,7 @@ class ExpertWeights:
     info: ExpertInfo
     lora: dict[str, Any] | None = None
     components: dict[str, Any] = field(default_factory=dict)
+    profusion: Any = None  # a ProFusion expert's PromptNet and photo (core.profusion.ProFusionWeights)
 
     @property
     def unet(self) -> Any:
@@ -118,7 +120,8 @@ class ExpertWeights:
     @property
     def nbytes(self) -> int:
         if self.lora is not None:
-            return sum(t.numel() * t.element_size() for t in self.lora.values())
+            extra = self.profusion.promptnet.parameters() if self.profusion is not None else []
+            return sum(t.numel() * t.element_size() for t in [*self.lora.values(), *extra])
         return sum(p.numel() * p.element_size() for m in self.modules for p in m.parameters())
 
     def to(self, device: Any, dtype: Any = None) -> ExpertWeights:
@@ -133,10 +136,15 @@ def read_expert(folder: str | Path, base: Any, info: ExpertInfo | None = None) -
     ``core.models.BaseModel``): its full-weight components load with the base's classes."""
     folder = Path(folder)
     info = info or ExpertInfo.read(folder)
-    if info.method == "lora":
+    if info.method in ("lora", "profusion"):
         from safetensors.torch import load_file
 
-        return ExpertWeights(info, lora=load_file(str(folder / LORA_WEIGHTS)))
+        extra = None
+        if info.method == "profusion":
+            from dreamfleet.core.profusion import ProFusionWeights
+
+            extra = ProFusionWeights.read(folder, base)
+        return ExpertWeights(info, lora=load_file(str(folder / LORA_WEIGHTS)), profusion=extra)
     modules = base.modules()
     names = [n for n in modules if n != "vae" and (n == base.kind.denoiser or (folder / n).is_dir())]
     return ExpertWeights(info, components={n: _component(type(modules[n]), folder / n) for n in names})
@@ -155,6 +163,10 @@ def expert_pipeline(base: Any, weights: ExpertWeights, *, pipe: Any = None, adap
     if weights.lora is not None:
         pipe = pipe if pipe is not None else base.pipeline()
         pipe.load_lora_weights(dict(weights.lora), adapter_name=adapter_name)
+        if weights.profusion is not None:  # sampled with Fusion Sampling, S* from its PromptNet
+            from dreamfleet.core.profusion import fusion_pipeline
+
+            return fusion_pipeline(pipe, weights.info, weights.profusion, base)
         return pipe
     return base.pipeline(**weights.components)
 

@@ -355,3 +355,37 @@ class PromptNetSubject:
 
     def conditioning(self, fp, ids, mask, uncond, ref, gamma: float) -> PromptNetConditioning:
         return PromptNetConditioning(uncond, ref, self, fp.encode, ids, mask, gamma)
+
+
+@dataclass
+class ProFusionWeights:
+    """What a ``profusion`` expert holds besides its q/k/v LoRA: its PromptNet and its one photo."""
+
+    promptnet: PromptNet
+    info: PromptNetInfo
+    photo: Any  # PIL image
+
+    @classmethod
+    def read(cls, folder: str | Path, base) -> ProFusionWeights:
+        from PIL import Image
+
+        net, info = load_promptnet(Path(folder) / "promptnet", base)
+        photo = Path(folder) / "instance" / "00.png"
+        if not photo.is_file():
+            raise DataError(f"{folder}: a ProFusion expert without its photo (instance/00.png); publish it again")
+        with Image.open(photo) as im:
+            return cls(net, info, im.convert("RGB"))
+
+
+def fusion_pipeline(pipe, expert_info, weights: ProFusionWeights, base):
+    """A :class:`~dreamfleet.core.fusion.FusionPipeline` for a ProFusion expert over ``pipe``
+    (whose UNet already carries the expert's q/k/v LoRA)."""
+    from dreamfleet.core.fusion import FusionPipeline
+
+    device = pipe.unet.device
+    net = weights.promptnet.to(device, pipe.unet.dtype)
+    encoder = load_image_encoder(weights.info.arch.get("image_encoder", "vae"), base).to(device)
+    with torch.no_grad():
+        x0, tokens = reference_inputs(weights.photo, pipe.vae, encoder, base.resolution)
+    subject = PromptNetSubject(net, Injector(pipe.text_encoder), expert_info.identifier, x0, tokens)
+    return FusionPipeline(pipe, identifier=expert_info.identifier, class_noun=expert_info.class_noun, subject=subject)

@@ -66,6 +66,7 @@ class Support:
     full: str = "yes"
     text_encoder_lora: str = "yes"
     apprentice: str = "no: the apprentice's encoder attaches to a Stable Diffusion 1.x/2.x UNet"
+    profusion: str = "no: PromptNet is built from a Stable Diffusion 1.x/2.x UNet's encoder half"
 
 
 @dataclass(frozen=True)

@@ -31,5 +31,5 @@ FAMILY = StableDiffusion(
     text_encoders=("text_encoder",),
     lora_targets=UNET_TARGETS,
     convert_lora_keys=True,
-    support=Support(apprentice="yes"),
+    support=Support(apprentice="yes", profusion="yes"),
 )

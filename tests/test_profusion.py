@@ -61,9 +61,9 @@ def test_eta_f_zero_is_the_identity(base):
     pipe = base.pipeline()
     fp = FusionPipeline(pipe, identifier="sks", class_noun="dog")
     kw = dict(generator=torch.Generator().manual_seed(0), output_type="latent")
-    plain = fp("a sks dog", params=FusionParams(num_inference_steps=3, refine_step=0), **kw)
+    plain = fp("a sks dog", params=FusionParams(num_inference_steps=3, refine_step=0), **kw).images
     kw["generator"] = torch.Generator().manual_seed(0)
-    fused = fp("a sks dog", params=FusionParams(num_inference_steps=3, refine_step=2, refine_eta=0.0), **kw)
+    fused = fp("a sks dog", num_inference_steps=3, refine_step=2, refine_eta=0.0, **kw).images
     assert torch.equal(plain, fused)
 
 
@@ -76,7 +76,7 @@ def test_k0_w2_0_is_stock_ddim_classifier_free_guidance_bit_for_bit(base):
     fp = FusionPipeline(pipe, identifier="sks", class_noun="dog")
     ours = fp(["a sks dog", "a sks dog on the beach"], num_images_per_prompt=2,
               params=FusionParams(num_inference_steps=4, guidance_scale=6.0, guidance_scale_ref=0.0, refine_step=0),
-              generator=torch.Generator().manual_seed(3), output_type="np")
+              generator=torch.Generator().manual_seed(3), output_type="np").images
     assert ours.shape == stock.shape == (4, 32, 32, 3)
     assert np.array_equal(ours, stock)
 
@@ -146,7 +146,7 @@ def test_fusion_sampling_batches_two_in_the_fusion_stage(base):
     h2 = subject.promptnet.register_forward_pre_hook(lambda m, a: promptnet_calls.append(a[0].shape[0]))
     params = FusionParams(num_inference_steps=3, refine_step=1, guidance_scale_ref=5.0, guidance_scale=7.0)
     images = fp(["a [S*] on the beach", "a photo of sks dog"], num_images_per_prompt=2, params=params,
-                generator=torch.Generator().manual_seed(0))
+                generator=torch.Generator().manual_seed(0)).images
     h1.remove(), h2.remove()
     assert len(images) == 4 and images[0].size == (32, 32)
     assert batches == [8, 12] * 3
@@ -285,7 +285,7 @@ def test_customised_expert_is_sampled_with_fusion_sampling(promptnet, tmp_path):
 
     photo = Image.new("RGB", (40, 40), (20, 120, 220))
     subject = SubjectData("blue", "ball", [photo])
-    info = customize_subject(subject, "tiny-random", CustomizeConfig(steps=3, views=3, promptnet=str(promptnet[0])),
+    info, _ = customize_subject(subject, "tiny-random", CustomizeConfig(steps=3, views=3, promptnet=str(promptnet[0])),
                              tmp_path / "expert", progress=False)
     assert info.method == "profusion" and info.num_images == 1 and info.identifier == promptnet[1].placeholder_token
     assert info.train_stats["qkv_lora_bytes"] > 0 and info.train_stats["views"] == 4
@@ -293,7 +293,7 @@ def test_customised_expert_is_sampled_with_fusion_sampling(promptnet, tmp_path):
     pipe, _ = open_expert(tmp_path / "expert")
     assert isinstance(pipe, FusionPipeline) and pipe.subject.n_tokens == 1
     images = pipe("a [S*] ball on the beach", num_images_per_prompt=2,
-                  params=FusionParams(num_inference_steps=3, refine_step=1), generator=torch.Generator().manual_seed(0))
+                  params=FusionParams(num_inference_steps=3, refine_step=1), generator=torch.Generator().manual_seed(0)).images
     assert len(images) == 2 and images[0].size == (32, 32)
 
 
@@ -329,3 +329,32 @@ def test_pretraining_resumes_where_it_stopped(manifest, promptnet, tmp_path):
     assert info.train_stats["resumed_from"] == 2
     a, b = load_file(str(out / "promptnet.safetensors")), load_file(str(promptnet[0] / "promptnet.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_pretrain_then_train_subject_method_profusion(manifest, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import subject_folder
+
+    from dreamfleet.core.expert import ExpertInfo
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dreamfleet.cli.main", *args], capture_output=True, text=True,
+                              timeout=600)
+
+    r = cli("profusion", "pretrain", manifest, "--out", str(tmp_path / "pn"), "--base-model", "tiny-random",
+            "--steps", "2", "--batch-size", "2", "--subjects", "dog1,cat1,broken")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 subjects, 6 photos" in r.stdout and "skipped broken" in r.stdout
+    photos = subject_folder(tmp_path, "teddy", n=2)
+    r = cli("train-subject", "--images", str(photos), "--class-noun", "teddy bear", "--method", "profusion",
+            "--promptnet", str(tmp_path / "pn"), "--steps", "2", "--views", "3", "--out", str(tmp_path / "expert"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = ExpertInfo.read(tmp_path / "expert")
+    assert info.method == "profusion" and info.num_images == 1 and info.class_images is None
+    assert "num_class_images" not in info.config and info.config["views"] == 3  # the customisation's own config
+    assert info.config["prompt"] == "a {placeholder} {class_noun}" and info.config["learning_rate"] == 2e-5
+    r = cli("train-subject", "--images", str(photos), "--class-noun", "teddy bear", "--method", "profusion",
+            "--out", str(tmp_path / "none"))
+    assert r.returncode != 0 and "--promptnet" in r.stderr

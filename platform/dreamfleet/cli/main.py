@@ -16,7 +16,7 @@ import sys
 from dreamfleet.core.errors import DreamfleetError
 
 # Sub-command modules, in --help order. A missing module (a component not installed) is skipped.
-COMMAND_MODULES = ("train", "fleet", "manifest", "serve", "dashboard", "eval", "apprentice", "demo", "toy")
+COMMAND_MODULES = ("train", "fleet", "manifest", "serve", "dashboard", "eval", "apprentice", "profusion", "demo", "toy")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -210,24 +210,43 @@ class FusionPipeline:
         cond = self.encode(ids)
         return StaticConditioning(uncond, cond, scale_positions(cond, mask, p.refine_emb_scale), ref)
 
+    def to(self, device) -> FusionPipeline:
+        self.pipe.to(device)
+        if self.subject is not None:
+            self.subject.to(device)
+        return self
+
+    def set_progress_bar_config(self, **kw) -> None:
+        self.pipe.set_progress_bar_config(**kw)
+
+    @property
+    def native_resolution(self) -> int:
+        pipe = self.pipe
+        return getattr(pipe, "native_resolution", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], *, params: FusionParams | None = None, num_images_per_prompt: int = 1,
-                 height: int | None = None, width: int | None = None, generator=None, latents=None,
-                 output_type: str = "pil"):
+    def __call__(self, prompt: str | list[str], *, params: FusionParams | None = None, num_inference_steps=None,
+                 guidance_scale=None, num_images_per_prompt: int = 1, height: int | None = None,
+                 width: int | None = None, generator=None, latents=None, output_type: str = "pil", **fusion):
+        """As the stock pipeline's call (``num_inference_steps``, ``guidance_scale`` = w1, a
+        generator or one per image; returns an output with ``.images``), plus every
+        :class:`FusionParams` field by name or as ``params``."""
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
-        p = params or FusionParams()
+        stock = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+        p = dataclasses.replace(params or FusionParams(), **{k: v for k, v in {**stock, **fusion}.items()
+                                                            if v is not None})
         prompts = [q for q in ([prompt] if isinstance(prompt, str) else prompt) for _ in range(num_images_per_prompt)]
-        pipe = self.pipe
-        side = getattr(pipe, "native_resolution", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        h, w = height or side, width or side
-        shape = (len(prompts), pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
-        dtype = self.pipe.text_encoder.dtype
+        pipe, side = self.pipe, self.native_resolution
+        shape = (len(prompts), pipe.unet.config.in_channels, (height or side) // pipe.vae_scale_factor,
+                 (width or side) // pipe.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=pipe.text_encoder.dtype)
         cond = self.conditioning(prompts, p)
         x = FusionSampler(pipe.unet, dict(pipe.scheduler.config), p).sample(latents.to(self.device), cond, generator)
         if output_type == "latent":
-            return x
+            return StableDiffusionPipelineOutput(images=x, nsfw_content_detected=None)
         image = pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-        return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(prompts))
+        images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(prompts))
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)

@@ -349,6 +349,10 @@ class PromptNetSubject:
                  for w in prompt.replace(PLACEHOLDER, f" {PLACEHOLDER} ").split()]
         return " ".join(words)
 
+    def to(self, device) -> None:
+        self.promptnet.to(device)
+        self.x0, self.image_tokens = self.x0.to(device), self.image_tokens.to(device)
+
     def tokens(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         return self.promptnet(self.x0.expand(b, -1, -1, -1), t, self.image_tokens.expand(b, -1, -1), x)

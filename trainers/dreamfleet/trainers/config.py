@@ -9,7 +9,7 @@ from dreamfleet.core.config import cfg, from_dict, to_dict
 from dreamfleet.core.errors import ConfigError
 
 # diffusers' DreamBooth examples: full fine-tuning at 5e-6, LoRA at 1e-4.
-DEFAULT_LR = {"full": 5e-6, "lora": 1e-4}
+DEFAULT_LR = {"full": 5e-6, "lora": 1e-4, "profusion": 2e-5}  # ProFusion: its notebook's
 
 
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
@@ -86,7 +86,9 @@ class PriorConfig:
 class AdapterConfig:
     """The adapter section: what is trained (LoRA or all weights; the text encoder too)."""
 
-    method: Literal["lora", "full"] = cfg("lora", "lora: PEFT LoRA on the UNet attention projections; full: all UNet weights")
+    method: Literal["lora", "full", "profusion"] = cfg(
+        "lora", "lora: PEFT LoRA on the UNet attention projections; full: all UNet weights; profusion: ProFusion from "
+                "the first photo (needs --promptnet; no class images)")
     train_text_encoder: bool = cfg(False, "also fine-tune the text encoder (LoRA adapters on it with method=lora)")
     lora_rank: int = cfg(4, "LoRA rank")
     lora_alpha: int | None = cfg(None, "LoRA alpha (default: the rank)")
@@ -155,14 +157,23 @@ class MemoryConfig:
         True, "move the frozen text encoders off the accelerator once the prompts are encoded (back for validation)")
 
 
+@dataclass(frozen=True)
+class ProFusionSection:
+    """The ProFusion section (method=profusion): the pre-trained PromptNet and the views."""
+
+    promptnet: str | None = cfg(None, "method=profusion: the pre-trained PromptNet folder (`dreamfleet profusion pretrain`)")
+    views: int = cfg(31, "method=profusion: augmented views of the one photo")
+    qkv_rank: int = cfg(32, "method=profusion: rank of the LoRA on the UNet's to_q/to_k/to_v")
+
+
 # Fields added after experts and checkpoints were first written: a record without one had its
 # default, so resuming such a checkpoint with the default is no change.
-ADDED_FIELDS = {f.name: f.default for section in (FlowConfig, MemoryConfig) for f in fields(section)}
+ADDED_FIELDS = {f.name: f.default for section in (FlowConfig, MemoryConfig, ProFusionSection) for f in fields(section)}
 ADDED_FIELDS["optimizer"] = "adamw"
 
 
 @dataclass(frozen=True)
-class TrainConfig(MemoryConfig, FlowConfig, ValidationConfig, DataConfig, AdapterConfig, PriorConfig, LoopConfig,
+class TrainConfig(ProFusionSection, MemoryConfig, FlowConfig, ValidationConfig, DataConfig, AdapterConfig, PriorConfig, LoopConfig,
                   OptimizerConfig):
     """How one subject is fine-tuned: its sections (optimizer, loop, prior preservation, adapter,
     data, validation), each taken as it is by what uses it (the loop takes the config as its
@@ -180,6 +191,9 @@ class TrainConfig(MemoryConfig, FlowConfig, ValidationConfig, DataConfig, Adapte
         for check in (self.check_optimizer, self.check_loop, self.check_prior, self.check_adapter,
                       self.check_data, self.check_validation, self.check_flow):
             check()
+        if self.method == "profusion" and (self.train_text_encoder or self.quantize_base != "no"):
+            raise ConfigError("method=profusion trains PromptNet and the UNet's q/k/v: no --train-text-encoder "
+                              "or --quantize-base")
         if self.quantize_base != "no" and self.method != "lora":
             raise ConfigError(f"quantize_base={self.quantize_base!r} keeps the base frozen: it needs method=lora")
         if self.lr_warmup_steps > self.steps:
@@ -205,6 +219,8 @@ def _resolved_fields(data: dict[str, Any], native_resolution: int) -> dict[str, 
     if out.get("lora_alpha") is None:
         out["lora_alpha"] = out.get("lora_rank", 4)
     # As before: an empty resolution or prompt (0, "") means the default too.
+    if out.get("method") == "profusion":  # ProFusion uses no regulariser and no class images
+        out["with_prior_preservation"] = False
     out["resolution"] = out.get("resolution") or native_resolution
     out["class_prompt"] = out.get("class_prompt") or "a {class_noun}"
     out["instance_prompt"] = out.get("instance_prompt") or "a {identifier} {class_noun}"

@@ -164,6 +164,8 @@ def train_subject(
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     _refuse_overwrite([out_dir], overwrite)
+    if cfg.method == "profusion":
+        return _customize(subject, base, cfg, out_dir, overwrite=overwrite, progress=progress, on_step=on_step)
     p = prepare_subject(subject, base, cfg, class_cache=class_cache)
     work = work_dir_for(out_dir)
     opts = FitOptions(checkpoint_dir=work / "checkpoints", progress=progress,
@@ -171,6 +173,17 @@ def train_subject(
     (result,) = fit([p], [work], [out_dir], opts, hooks=LoopHooks(on_step=on_step), started=t0)
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _customize(subject: SubjectData, base: BaseModel | str, cfg: TrainConfig, out_dir: Path, **kw) -> TrainResult:
+    """method=profusion: ProFusion from the subject's first photo (:mod:`dreamfleet.trainers.profusion`)."""
+    from dreamfleet.trainers.profusion import CustomizeConfig, customize_subject
+
+    base = load_base(base) if isinstance(base, str) else base
+    c = CustomizeConfig.from_train(cfg.resolve(native_resolution=base.resolution))
+    on_step = kw.pop("on_step")
+    info, result = customize_subject(subject, base, c, out_dir, hooks=LoopHooks(on_step=on_step), **kw)
+    return TrainResult(expert_dir=out_dir, info=info, loop=result)
 
 
 def train_packed(

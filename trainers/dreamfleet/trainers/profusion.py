@@ -111,6 +111,16 @@ class CustomizeConfig(LoopConfig, OptimizerConfig, ProFusionCommon):
     qkv_rank: int = cfg(32, "rank of the LoRA on the UNet's to_q/to_k/to_v")
     promptnet: str = cfg("", "the pre-trained PromptNet folder (`dreamfleet profusion pretrain`)")
 
+    @classmethod
+    def from_train(cls, t) -> CustomizeConfig:
+        """The customisation a resolved ``TrainConfig`` with ``method="profusion"`` asks for."""
+        shared = ("steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
+                  "adam_weight_decay", "adam_epsilon", "max_grad_norm", "optimizer", "gradient_accumulation_steps",
+                  "checkpoint_every", "checkpoints_total_limit", "batch_size", "resolution", "mixed_precision",
+                  "seed", "device", "views", "qkv_rank")
+        prompt = (t.instance_prompt or "a {identifier} {class_noun}").replace("{identifier}", "{placeholder}")
+        return cls(**{f: getattr(t, f) for f in shared}, promptnet=t.promptnet or "", prompt=prompt)
+
     def __post_init__(self) -> None:
         self.check_optimizer()
         self.check_loop()
@@ -410,7 +420,8 @@ def prepare_customization(subject, base: BaseModel | str, c: CustomizeConfig) ->
 def customize_subject(subject, base: BaseModel | str, c: CustomizeConfig, out_dir: str | Path, *,
                       overwrite: bool = False, progress: bool = True, hooks: LoopHooks | None = None,
                       checkpoint_dir: Path | None = None):
-    """Customise from the subject's first photo and publish a ``profusion`` expert at ``out_dir``."""
+    """Customise from the subject's first photo, publish a ``profusion`` expert at ``out_dir``;
+    returns (its ExpertInfo, the loop's result)."""
     import shutil
 
     from dreamfleet.core.expert import EXPERT_FILE
@@ -426,7 +437,7 @@ def customize_subject(subject, base: BaseModel | str, c: CustomizeConfig, out_di
     info = publish_profusion_expert(p, pinfo, subject, result, out_dir, wall_time_s=time.perf_counter() - t0,
                                     overwrite=overwrite)
     shutil.rmtree(work, ignore_errors=True)
-    return info
+    return info, result
 
 
 def publish_profusion_expert(p: Prepared, pinfo: PromptNetInfo, subject, result: LoopResult, out: Path, *,

@@ -195,3 +195,24 @@ def pipeline_images(pipe, prompts: list[str], seeds: list[int], steps: int, guid
     with torch.inference_mode():
         images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, **kw).images
     return [np.asarray(im.convert("RGB"), dtype=np.int16) for im in images]
+
+
+def manifest_with_a_broken_subject(root: Path) -> str:
+    """A manifest of dog1, dog2, cat1 (3 photos each) and "broken", whose stored bytes are
+    corrupted after the build (its content hash no longer matches)."""
+    from dreamfleet.data.build import BuildConfig
+    from dreamfleet.data.manifest import Manifest, build_from_folders
+
+    src = root / "src"
+    for i, name in enumerate(["dog1", "dog2", "cat1", "broken"]):
+        subject_folder(src, name, n=3, seed=i)
+    (src / "classes.csv").write_text("subject_id,class_noun\ndog1,dog\ndog2,dog\ncat1,cat\nbroken,dog\n")
+    out = root / "manifest"
+    build_from_folders(src, src / "classes.csv", out, BuildConfig(min_side=32))
+    rec = Manifest.open(out).record("broken")
+    shard = out / rec.shards[0]
+    data = bytearray(shard.read_bytes())
+    start = rec.shard_offsets[0] + 600
+    data[start:start + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    return str(out)

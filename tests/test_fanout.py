@@ -18,14 +18,14 @@ from helpers import (
     curve_gap,
     curve_spread,
     fast_config,
+    manifest_with_a_broken_subject,
     prefilled_class_cache,
-    subject_folder,
     torch_threads,
     weight_gap,
 )
 
 from dreamfleet.control.orchestrator import FanoutConfig, run_fanout
-from dreamfleet.data.manifest import Manifest, build_from_folders
+from dreamfleet.data.manifest import Manifest
 from dreamfleet.registry import Registry
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -33,23 +33,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("fanout")
-    src = root / "src"
-    for i, name in enumerate(["dog1", "dog2", "cat1", "broken"]):
-        subject_folder(src, name, n=3, seed=i)
-    (src / "classes.csv").write_text("subject_id,class_noun\ndog1,dog\ndog2,dog\ncat1,cat\nbroken,dog\n")
-    out = root / "manifest"
-    from dreamfleet.data.build import BuildConfig
-
-    build_from_folders(src, src / "classes.csv", out, BuildConfig(min_side=32))
-    # Corrupt the stored bytes of one subject after the build: its content hash no longer matches.
-    rec = Manifest.open(out).record("broken")
-    shard = out / rec.shards[0]
-    data = bytearray(shard.read_bytes())
-    start = rec.shard_offsets[0] + 600
-    data[start:start + 64] = bytes(64)
-    shard.write_bytes(bytes(data))
-    return str(out)
+    return manifest_with_a_broken_subject(tmp_path_factory.mktemp("fanout"))
 
 
 def cfg(**kw):

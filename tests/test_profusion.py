@@ -193,25 +193,9 @@ def test_v_prediction_is_converted_to_epsilon(base):
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> str:
-    """Three subjects of 3 photos and one whose stored bytes are corrupt."""
-    from helpers import subject_folder
+    from helpers import manifest_with_a_broken_subject
 
-    from dreamfleet.data.build import BuildConfig
-    from dreamfleet.data.manifest import Manifest, build_from_folders
-
-    root = tmp_path_factory.mktemp("profusion")
-    src = root / "src"
-    for i, name in enumerate(["dog1", "dog2", "cat1", "broken"]):
-        subject_folder(src, name, n=3, seed=i)
-    (src / "classes.csv").write_text("subject_id,class_noun\ndog1,dog\ndog2,dog\ncat1,cat\nbroken,dog\n")
-    out = root / "manifest"
-    build_from_folders(src, src / "classes.csv", out, BuildConfig(min_side=32))
-    rec = Manifest.open(out).record("broken")
-    shard = out / rec.shards[0]
-    data = bytearray(shard.read_bytes())
-    data[rec.shard_offsets[0] + 600:rec.shard_offsets[0] + 664] = bytes(64)
-    shard.write_bytes(bytes(data))
-    return str(out)
+    return manifest_with_a_broken_subject(tmp_path_factory.mktemp("profusion"))
 
 
 def pn_config(**kw):

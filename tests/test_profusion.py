@@ -100,8 +100,10 @@ def test_the_hook_with_the_placeholders_own_embedding_changes_nothing(base):
         after = te(ids)[0]
     assert torch.equal(hooked, plain) and torch.equal(after, plain)
     assert not torch.allclose(other, plain)
-    with pytest.raises(ValueError, match="placeholder token"), Injector(te).inject(mask, torch.zeros(2, 2, own.shape[-1])):
+    bad = Injector(te)
+    with pytest.raises(ValueError, match="placeholder token"), bad.inject(mask, torch.zeros(2, 2, own.shape[-1])):
         pass
+    bad.remove()
 
 
 @pytest.mark.parametrize(("k", "n"), [(None, 1), (8, 1), (4, 4), (2, 16), (1, 64)])
@@ -130,7 +132,7 @@ def _subject(base, photo):
     net = PromptNet.from_unet(base.unet, base.text_encoder.config.hidden_size, enc.hidden_size, PromptNetArch()).eval()
     with torch.no_grad():
         x0, tokens = reference_inputs(photo, base.vae, enc, base.resolution)
-    return PromptNetSubject(net, Injector(base.text_encoder), "sks", x0, tokens)
+    return PromptNetSubject(net, "sks", x0, tokens)
 
 
 def test_fusion_sampling_batches_two_in_the_fusion_stage(base):
@@ -148,6 +150,7 @@ def test_fusion_sampling_batches_two_in_the_fusion_stage(base):
     images = fp(["a [S*] on the beach", "a photo of sks dog"], num_images_per_prompt=2, params=params,
                 generator=torch.Generator().manual_seed(0)).images
     h1.remove(), h2.remove()
+    assert not pipe.text_encoder.embeddings._forward_hooks  # the request's hook is gone
     assert len(images) == 4 and images[0].size == (32, 32)
     assert batches == [8, 12] * 3
     assert promptnet_calls == [4, 4] * 3
@@ -342,3 +345,33 @@ def test_cli_pretrain_then_train_subject_method_profusion(manifest, tmp_path):
     r = cli("train-subject", "--images", str(photos), "--class-noun", "teddy bear", "--method", "profusion",
             "--out", str(tmp_path / "none"))
     assert r.returncode != 0 and "--promptnet" in r.stderr
+
+
+def test_serving_engine_renders_a_profusion_expert_beside_a_dreambooth_one(promptnet, tmp_path):
+    """The engine hot-swaps a ProFusion expert's q/k/v adapter like any LoRA expert and samples
+    it with Fusion Sampling; the DreamBooth expert on the same base is unaffected by it."""
+    from helpers import fast_config
+
+    from dreamfleet.registry import Registry
+    from dreamfleet.serving.engine import ExpertEngine, GenItem
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.fit import train_subject
+    from dreamfleet.trainers.profusion import CustomizeConfig, customize_subject
+
+    reg = Registry(tmp_path / "reg")
+    photo = Image.new("RGB", (40, 40), (20, 120, 220))
+    customize_subject(SubjectData("blue", "ball", [photo]), "tiny-random",
+                      CustomizeConfig(steps=2, views=2, promptnet=str(promptnet[0])), tmp_path / "pf", progress=False)
+    reg.publish("blue", tmp_path / "pf")
+    db = train_subject(SubjectData("red", "ball", [Image.new("RGB", (40, 40), (220, 20, 20))] * 3), "tiny-random",
+                       fast_config(steps=2, with_prior_preservation=False), tmp_path / "db", progress=False)
+    reg.publish("red", db.expert_dir)
+    engine = ExpertEngine(str(tmp_path / "reg"), device="cpu")
+    item = GenItem("a [V] ball on the beach", 2, steps=3, guidance_scale=5.0, seed=0, width=32, height=32)
+    before = engine.generate("red", "v0001", [item])[0]
+    info = reg.expert_info("blue")
+    fused = engine.generate("blue", "v0001", [GenItem(info.prompt(item.prompt), 2, 3, 5.0, 0, 32, 32)])[0]
+    after = engine.generate("red", "v0001", [item])[0]
+    assert len(fused) == 2 and fused[0].size == (32, 32)
+    assert [np.asarray(a).tobytes() for a in before] == [np.asarray(a).tobytes() for a in after]
+    assert not engine.base("tiny-random").text_encoder.embeddings._forward_hooks

@@ -244,7 +244,11 @@ class FusionPipeline:
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=pipe.text_encoder.dtype)
         cond = self.conditioning(prompts, p)
-        x = FusionSampler(pipe.unet, dict(pipe.scheduler.config), p).sample(latents.to(self.device), cond, generator)
+        try:
+            x = FusionSampler(pipe.unet, dict(pipe.scheduler.config), p).sample(latents.to(self.device), cond,
+                                                                                generator)
+        finally:
+            getattr(cond, "close", lambda: None)()
         if output_type == "latent":
             return StableDiffusionPipelineOutput(images=x, nsfw_content_detected=None)
         image = pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]

@@ -319,14 +319,19 @@ class PromptNetConditioning:
     ids: torch.Tensor
     mask: torch.Tensor
     gamma: float
+    injector: Injector
 
     def personal(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from dreamfleet.core.fusion import scale_positions
 
         s = self.subject.tokens(x, t)
-        with self.subject.injector.inject(self.mask, s):
+        with self.injector.inject(self.mask, s):
             h = self.encode(self.ids)
         return h, scale_positions(h, self.mask, self.gamma)
+
+    def close(self) -> None:
+        """Take the hook off the text encoder (shared with other requests in serving)."""
+        self.injector.remove()
 
 
 @dataclass
@@ -334,7 +339,6 @@ class PromptNetSubject:
     """A ProFusion subject at sampling time: its PromptNet, reference and placeholder token."""
 
     promptnet: PromptNet
-    injector: Injector
     placeholder: str
     x0: torch.Tensor  # [1, C, h, w]
     image_tokens: torch.Tensor  # [1, T, D_image]
@@ -358,7 +362,8 @@ class PromptNetSubject:
         return self.promptnet(self.x0.expand(b, -1, -1, -1), t, self.image_tokens.expand(b, -1, -1), x)
 
     def conditioning(self, fp, ids, mask, uncond, ref, gamma: float) -> PromptNetConditioning:
-        return PromptNetConditioning(uncond, ref, self, fp.encode, ids, mask, gamma)
+        """The request's conditioning; its hook on ``fp``'s text encoder lives until ``close()``."""
+        return PromptNetConditioning(uncond, ref, self, fp.encode, ids, mask, gamma, Injector(fp.pipe.text_encoder))
 
 
 @dataclass
@@ -368,6 +373,15 @@ class ProFusionWeights:
     promptnet: PromptNet
     info: PromptNetInfo
     photo: Any  # PIL image
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None  # (x̄0, image tokens), computed once
+
+    def reference_inputs(self, vae, base) -> tuple[torch.Tensor, torch.Tensor]:
+        """The photo's (x̄0, image tokens) on the VAE's device, the image encoder loaded once."""
+        if self.reference is None or self.reference[0].device != vae.device:
+            encoder = load_image_encoder(self.info.arch.get("image_encoder", "vae"), base).to(vae.device)
+            with torch.no_grad():
+                self.reference = reference_inputs(self.photo, vae, encoder, base.resolution)
+        return self.reference
 
     @classmethod
     def read(cls, folder: str | Path, base) -> ProFusionWeights:
@@ -386,10 +400,7 @@ def fusion_pipeline(pipe, expert_info, weights: ProFusionWeights, base):
     (whose UNet already carries the expert's q/k/v LoRA)."""
     from dreamfleet.core.fusion import FusionPipeline
 
-    device = pipe.unet.device
-    net = weights.promptnet.to(device, pipe.unet.dtype)
-    encoder = load_image_encoder(weights.info.arch.get("image_encoder", "vae"), base).to(device)
-    with torch.no_grad():
-        x0, tokens = reference_inputs(weights.photo, pipe.vae, encoder, base.resolution)
-    subject = PromptNetSubject(net, Injector(pipe.text_encoder), expert_info.identifier, x0, tokens)
+    net = weights.promptnet.to(pipe.unet.device, pipe.unet.dtype)
+    x0, tokens = weights.reference_inputs(pipe.vae, base)
+    subject = PromptNetSubject(net, expert_info.identifier, x0, tokens)
     return FusionPipeline(pipe, identifier=expert_info.identifier, class_noun=expert_info.class_noun, subject=subject)

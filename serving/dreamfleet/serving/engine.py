@@ -144,9 +144,11 @@ class ExpertEngine:
             entry = self._host(subject_id, version)
             if key not in self.active:
                 base = self.base(entry.info.base_model["spec"])
-                if entry.info.method == "lora":
+                if entry.info.method in ("lora", "profusion"):  # profusion: its q/k/v LoRA, then its PromptNet
                     name = adapter_name(subject_id, version)
-                    expert_pipeline(base, entry.weights, pipe=self.pipes[base.spec], adapter_name=name)
+                    self.pipes[base.spec].load_lora_weights(dict(entry.weights.lora), adapter_name=name)
+                    if entry.weights.profusion is not None:
+                        entry.weights.profusion.promptnet.to(self.device, self.dtype)
                     self.active[key] = name
                 else:
                     entry.weights.to(self.device, self.dtype)
@@ -167,6 +169,8 @@ class ExpertEngine:
                 if entry is not None:
                     entry.weights.to("cpu")
                 return
+            if entry is not None and entry.weights.profusion is not None:
+                entry.weights.profusion.promptnet.to("cpu")
             for pipe in self.pipes.values():
                 if any(what in (names or []) for names in pipe.get_list_adapters().values()):
                     pipe.delete_adapters(what)
@@ -182,7 +186,7 @@ class ExpertEngine:
         base = self.base(entry.info.base_model["spec"])
         owner = self.pipes[base.spec]
         loaded = owner.get_list_adapters()  # {"unet" or "transformer": [...], "text_encoder": [...], ...}
-        if entry.info.method == "lora":
+        if entry.info.method in ("lora", "profusion"):
             name = adapter_name(entry.info.subject_id, entry.version)
             for component, names in loaded.items():
                 module = getattr(owner, component)
@@ -191,7 +195,12 @@ class ExpertEngine:
                     module.set_adapter(name)
                 else:  # e.g. a UNet-only expert while another expert's text-encoder adapter is loaded
                     module.disable_adapters()
-            return base.pipeline()  # shares the modules; its own scheduler instance
+            pipe = base.pipeline()  # shares the modules; its own scheduler instance
+            if entry.weights.profusion is not None:  # Fusion Sampling, S* from the expert's PromptNet
+                from dreamfleet.core.profusion import fusion_pipeline
+
+                return fusion_pipeline(pipe, entry.info, entry.weights.profusion, base)
+            return pipe
         for component in loaded:
             getattr(owner, component).disable_adapters()
         return expert_pipeline(base, entry.weights)  # the expert's UNet and text encoder, the base's VAE

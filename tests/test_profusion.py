@@ -375,3 +375,27 @@ def test_serving_engine_renders_a_profusion_expert_beside_a_dreambooth_one(promp
     assert len(fused) == 2 and fused[0].size == (32, 32)
     assert [np.asarray(a).tobytes() for a in before] == [np.asarray(a).tobytes() for a in after]
     assert not engine.base("tiny-random").text_encoder.embeddings._forward_hooks
+
+
+def test_fanout_customises_one_photo_subjects_next_to_a_broken_one(manifest, promptnet, tmp_path, ray_local):
+    """A manifest customised with method=profusion through the fan-out; the corrupt subject
+    fails alone; packing (LoRA adapters only) is refused up front."""
+    from helpers import fast_config
+
+    from dreamfleet.control.orchestrator import FanoutConfig, run_fanout
+    from dreamfleet.registry import Registry
+
+    c = fast_config(method="profusion", promptnet=str(promptnet[0]), steps=2, views=2, checkpoint_every=1)
+    from dreamfleet.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--pack 4 packs LoRA adapters"):
+        run_fanout(manifest, str(tmp_path / "reg"), "tiny-random", c, FanoutConfig(pack=4), progress=False)
+    summary = run_fanout(manifest, str(tmp_path / "reg"), "tiny-random", c, FanoutConfig(),
+                         subjects=["dog1", "cat1", "broken"], progress=False)
+    assert sorted(summary.done) == ["cat1", "dog1"] and list(summary.failed) == ["broken"]
+    reg = Registry(tmp_path / "reg")
+    for sid in summary.done:
+        info = reg.expert_info(sid)
+        assert info.method == "profusion" and info.num_images == 1 and info.train_stats["steps"] == 2
+        assert "packed" not in info.train_stats and info.identifier == promptnet[1].placeholder_token
+    assert summary.class_images_generated == 0

@@ -72,7 +72,43 @@ class _Setup:
     packed: Any = None  # the PackedLoRA of a packed run
 
 
+def prepare_any(subject: SubjectData, base: BaseModel | str, cfg: TrainConfig, *,
+                class_cache: ClassImageCache | None = None):
+    """The subject prepared for :func:`fit`: DreamBooth, or ProFusion's customisation (method=profusion)."""
+    if cfg.method == "profusion":
+        from dreamfleet.trainers.profusion import prepare_from_train
+
+        return prepare_from_train(subject, load_base(base) if isinstance(base, str) else base, cfg)
+    return prepare_subject(subject, base, cfg, class_cache=class_cache)
+
+
+def _is_profusion(p: Any) -> bool:
+    return p.cfg.method == "profusion"
+
+
+def _setup_profusion(p: Any, o: FitOptions) -> _Setup:
+    from dreamfleet.trainers.profusion import loop_settings as profusion_settings
+    from dreamfleet.trainers.profusion import objective_for_fit
+
+    objective = objective_for_fit(p, o.dist, o.zero_stage, o.offload)
+    settings = profusion_settings(p, "profusion", progress=o.progress and o.dist.is_main)
+    return _Setup(objective, settings, build_engine(objective, settings, o.dist, 0, False), lambda step: None,
+                  to_dict(p.cfg))
+
+
+def _publish(p: Any, r, out: Path, work: Path, *, wall: float, opts: FitOptions, unet_state, unet_lora, stats):
+    if _is_profusion(p):
+        from dreamfleet.trainers.profusion import publish_profusion_expert
+
+        return publish_profusion_expert(p, p.pinfo, p.subject, r, out, wall_time_s=wall, overwrite=opts.overwrite,
+                                        extra_stats=stats)
+    return publish_expert(p, r, out, work, wall_time_s=wall, overwrite=opts.overwrite, unet_state=unet_state,
+                          unet_lora=unet_lora, extra_stats=stats)
+
+
 def _setup_solo(p: PreparedSubject, work: Path, o: FitOptions) -> _Setup:
+    if _is_profusion(p):
+        return _setup_profusion(p, o)
     setup_trainable(p)
     objective = DreamBoothObjective.from_prepared(p, rank=o.dist.rank)
     free_text_encoders(p)
@@ -128,8 +164,8 @@ def fit(
         r = subject_result(result, ids[i]) if s.packed is not None else result
         stats = {**(extra_stats(i) if extra_stats else {}),
                  **({"packed": {"subjects": ids, "index": i}} if s.packed is not None else {})}
-        info = publish_expert(p, r, out, work, wall_time_s=wall, overwrite=opts.overwrite, unet_state=unet_state,
-                              unet_lora=s.packed.adapter(i) if s.packed is not None else None, extra_stats=stats)
+        info = _publish(p, r, out, work, wall=wall, opts=opts, unet_state=unet_state,
+                        unet_lora=s.packed.adapter(i) if s.packed is not None else None, stats=stats)
         published.append(TrainResult(expert_dir=out, info=info, loop=r))
     return published
 
@@ -164,26 +200,13 @@ def train_subject(
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     _refuse_overwrite([out_dir], overwrite)
-    if cfg.method == "profusion":
-        return _customize(subject, base, cfg, out_dir, overwrite=overwrite, progress=progress, on_step=on_step)
-    p = prepare_subject(subject, base, cfg, class_cache=class_cache)
+    p = prepare_any(subject, base, cfg, class_cache=class_cache)
     work = work_dir_for(out_dir)
     opts = FitOptions(checkpoint_dir=work / "checkpoints", progress=progress,
                       allow_config_change=allow_config_change, overwrite=overwrite)
     (result,) = fit([p], [work], [out_dir], opts, hooks=LoopHooks(on_step=on_step), started=t0)
     shutil.rmtree(work, ignore_errors=True)
     return result
-
-
-def _customize(subject: SubjectData, base: BaseModel | str, cfg: TrainConfig, out_dir: Path, **kw) -> TrainResult:
-    """method=profusion: ProFusion from the subject's first photo (:mod:`dreamfleet.trainers.profusion`)."""
-    from dreamfleet.trainers.profusion import CustomizeConfig, customize_subject
-
-    base = load_base(base) if isinstance(base, str) else base
-    c = CustomizeConfig.from_train(cfg.resolve(native_resolution=base.resolution))
-    on_step = kw.pop("on_step")
-    info, result = customize_subject(subject, base, c, out_dir, hooks=LoopHooks(on_step=on_step), **kw)
-    return TrainResult(expert_dir=out_dir, info=info, loop=result)
 
 
 def train_packed(

@@ -220,7 +220,7 @@ def check_packable(prepared: Sequence[PreparedSubject]) -> None:
         raise ConfigError(f"subjects {dupes} appear more than once in the pack")
     first = prepared[0]
     cfg = first.cfg
-    if cfg.method != "lora" or cfg.train_text_encoder:
+    if any(p.cfg.method != "lora" or p.cfg.train_text_encoder for p in prepared):
         raise ConfigError(
             "packing trains UNet LoRA adapters only (method=lora, train_text_encoder off); "
             "train other subjects one at a time with train_subject"

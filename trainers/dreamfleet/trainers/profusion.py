@@ -19,7 +19,7 @@ import datetime as dt
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,9 @@ class CustomizeConfig(LoopConfig, OptimizerConfig, ProFusionCommon):
     qkv_rank: int = cfg(32, "rank of the LoRA on the UNet's to_q/to_k/to_v")
     promptnet: str = cfg("", "the pre-trained PromptNet folder (`dreamfleet profusion pretrain`)")
 
+    method = "profusion"  # what packing and the fan-out ask of a subject's config (not a field)
+    train_text_encoder = False
+
     @classmethod
     def from_train(cls, t) -> CustomizeConfig:
         """The customisation a resolved ``TrainConfig`` with ``method="profusion"`` asks for."""
@@ -154,6 +157,8 @@ class Prepared:
     image_tokens: torch.Tensor  # [n, T, D_image]
     ids: torch.Tensor  # [n, L] the prompt of each image's subject
     refs: list[list[int]]  # the reference candidates of each target image
+    subject: Any = None  # customisation: the SubjectData, and the pre-trained PromptNet's info
+    pinfo: PromptNetInfo | None = None
 
 
 def _freeze(base: BaseModel, device: torch.device, wdtype: torch.dtype) -> None:
@@ -415,6 +420,22 @@ def prepare_customization(subject, base: BaseModel | str, c: CustomizeConfig) ->
     p = prepare(base, c, net, pinfo.placeholder_token, photos, [subject.class_noun], "any")
     _add_qkv_lora(p)
     return p, pinfo
+
+
+def prepare_from_train(subject, base: BaseModel, cfg) -> Prepared:
+    """A subject whose ``TrainConfig`` says ``method="profusion"``, prepared for ``fit``."""
+    c = CustomizeConfig.from_train(cfg.resolve(native_resolution=base.resolution))
+    p, pinfo = prepare_customization(subject, base, c)
+    p.subject, p.pinfo = subject, pinfo
+    return p
+
+
+def objective_for_fit(p: Prepared, dist, zero_stage: int, offload: bool) -> ProFusionObjective:
+    """The customisation's objective in ``fit``: one process (100 steps of one photo need no more)."""
+    if dist.world_size > 1 or zero_stage or offload:
+        raise ConfigError(f"subject {p.subject.subject_id!r}: method=profusion trains on one worker; use "
+                          "--workers-per-subject 1 and no --zero-stage or --offload for ProFusion subjects")
+    return ProFusionObjective(p, train_qkv=True)
 
 
 def customize_subject(subject, base: BaseModel | str, c: CustomizeConfig, out_dir: str | Path, *,

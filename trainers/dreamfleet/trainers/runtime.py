@@ -36,8 +36,8 @@ from dreamfleet.core.models import load_base
 from dreamfleet.registry.store import now
 from dreamfleet.trainers.class_images import ClassImageCache
 from dreamfleet.trainers.config import TrainConfig
-from dreamfleet.trainers.dreambooth import SubjectData, prepare_subject
-from dreamfleet.trainers.fit import FitOptions, fit
+from dreamfleet.trainers.dreambooth import SubjectData
+from dreamfleet.trainers.fit import FitOptions, fit, prepare_any
 from dreamfleet.trainers.loop import LoopHooks
 from dreamfleet.trainers.parallelize import DistContext, gather_pids
 
@@ -113,7 +113,11 @@ def _train_pack(gc: GroupConfig, queue, registry, manifest, leases: list[tuple[s
     from dreamfleet.trainers.packing import check_packable
 
     t0 = time.perf_counter()
-    base = load_base(gc.base_model)  # one base model shared by the pack
+    solo = [(sid, attempt) for sid, attempt in leases if gc.configs[sid].method == "profusion"]
+    for subject_id, attempt in solo:  # ProFusion adds its own q/k/v adapter to the base: never packed
+        _train_leased(gc, DistContext(), queue, registry, manifest, subject_id, attempt)
+    leases = [lease for lease in leases if lease not in solo]
+    base = load_base(gc.base_model) if leases else None  # one base model shared by the pack
     ready = []
     for subject_id, attempt in leases:
         try:
@@ -184,7 +188,7 @@ def _prepare_leased(gc: GroupConfig, manifest, subject_id: str, base):
     subject = SubjectData(subject_id, record.class_noun, images, identifier=record.identifier,
                           tenant=record.tenant, source=f"{gc.manifest}#{subject_id}")
     cache = ClassImageCache(gc.class_cache) if gc.class_cache else None
-    return prepare_subject(subject, base, gc.configs[subject_id], class_cache=cache)
+    return prepare_any(subject, base, gc.configs[subject_id], class_cache=cache)
 
 
 def _prepare_on_all_ranks(gc: GroupConfig, dist: DistContext, queue, manifest, subject_id: str):

@@ -331,7 +331,7 @@ def test_cli_pretrain_then_train_subject_method_profusion(manifest, tmp_path):
                               timeout=600)
 
     r = cli("profusion", "pretrain", manifest, "--out", str(tmp_path / "pn"), "--base-model", "tiny-random",
-            "--steps", "2", "--batch-size", "2", "--subjects", "dog1,cat1,broken")
+            "--steps", "2", "--batch-size", "2", "--subjects", "dog1,cat1,broken", "--local")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 subjects, 6 photos" in r.stdout and "skipped broken" in r.stdout
     photos = subject_folder(tmp_path, "teddy", n=2)
@@ -399,3 +399,19 @@ def test_fanout_customises_one_photo_subjects_next_to_a_broken_one(manifest, pro
         assert info.method == "profusion" and info.num_images == 1 and info.train_stats["steps"] == 2
         assert "packed" not in info.train_stats and info.identifier == promptnet[1].placeholder_token
     assert summary.class_images_generated == 0
+
+
+def test_pretraining_on_ray_train_with_two_ddp_workers(manifest, tmp_path, ray_local):
+    """The same loop on a Ray Train worker group of 2 (DDP): rank 0 publishes; each rank draws
+    its own batches, so the result differs from one process's but trains the same modules."""
+    from safetensors.torch import load_file
+
+    from dreamfleet.control.cluster import EncoderRuntime
+    from dreamfleet.control.profusion import pretrain
+
+    info = pretrain(manifest, "tiny-random", pn_config(steps=2, checkpoint_every=1), tmp_path / "pn",
+                    EncoderRuntime(workers=2))
+    assert info.train_stats["world_size"] == 2 and info.train_stats["steps"] == 2
+    assert list(info.dataset["skipped"]) == ["broken"]
+    state = load_file(str(tmp_path / "pn" / "promptnet.safetensors"))
+    assert state and all(torch.isfinite(v).all() for v in state.values())

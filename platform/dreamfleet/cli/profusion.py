@@ -13,13 +13,15 @@ from dreamfleet.core import config as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from dreamfleet.control.cluster import EncoderRuntime
     from dreamfleet.trainers.profusion import PromptNetConfig
 
     ap = sub.add_parser("profusion", help="ProFusion: pre-train PromptNet (customise with train-subject --method profusion)")
     asub = ap.add_subparsers(dest="profusion_command", metavar="PROFUSION_COMMAND", required=True)
     p = asub.add_parser(
         "pretrain", help="pre-train PromptNet on a manifest's subjects (once per base model)",
-        description="Trains ProFusion's encoder on every readable subject of MANIFEST: the target is one photo, the "
+        description="Trains ProFusion's encoder on every readable subject of MANIFEST, on Ray Train (--workers, "
+                    "--zero-stage) or in this process (--local): the target is one photo, the "
                     "reference another photo of the same subject (--reference other) or itself (same). Only "
                     "PromptNet trains. Re-running after an interruption resumes from the last checkpoint; a "
                     "subject whose shards are unreadable is skipped and named in promptnet.json.")
@@ -29,15 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subjects", help="comma-separated subject ids (default: all)")
     p.add_argument("--overwrite", action="store_true")
     C.add_arguments(p, PromptNetConfig)
+    C.add_arguments(p, EncoderRuntime)
     p.set_defaults(handler=run_pretrain)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from dreamfleet.trainers.profusion import PromptNetConfig, pretrain_promptnet
+    from dreamfleet.control.cluster import EncoderRuntime
+    from dreamfleet.control.profusion import pretrain
+    from dreamfleet.trainers.profusion import PromptNetConfig
 
     c = C.from_dict(PromptNetConfig, C.overrides_from_args(PromptNetConfig, args))
+    rt = C.from_dict(EncoderRuntime, C.overrides_from_args(EncoderRuntime, args))
     subjects = [s for s in (args.subjects or "").split(",") if s] or None
-    info = pretrain_promptnet(args.manifest, args.base_model, c, args.out, subjects=subjects, overwrite=args.overwrite)
+    info = pretrain(args.manifest, args.base_model, c, args.out, rt, subjects=subjects, overwrite=args.overwrite)
     print(f"PromptNet written to {args.out}")
     print(f"  {info.dataset['subjects']} subjects, {info.dataset['images']} photos, placeholder "
           f"{info.placeholder_token!r}, {info.train_stats['steps']} steps in {info.wall_time_s:.1f} s, "

@@ -12,30 +12,18 @@ import dataclasses
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-from dreamfleet.control.cluster import WorkerConfig
+from dreamfleet.control.cluster import EncoderRuntime
 from dreamfleet.core.apprentice import ApprenticeInfo
-from dreamfleet.core.config import cfg, to_dict
+from dreamfleet.core.config import to_dict
 from dreamfleet.core.errors import ConfigError
 
 log = logging.getLogger("dreamfleet")
 
 
-@dataclass(frozen=True)
-class ApprenticeRuntime(WorkerConfig):
-    """Where and how the apprentice trains."""
-
-    local: bool = cfg(False, "train in this process, without Ray")
-    workers: int = cfg(1, "Ray Train workers (data parallel)")
-    max_failures: int = cfg(2, "worker-group restarts (each resumes from the last checkpoint)")
-    storage: str | None = cfg(None, "Ray Train storage for checkpoints (default: <out>.ray beside --out)")
-
-    def __post_init__(self) -> None:
-        self.check_workers()
-        if self.workers < 1:
-            raise ConfigError("workers must be at least 1")
+# Where the apprentice trains (the section PromptNet pre-training shares).
+ApprenticeRuntime = EncoderRuntime
 
 
 def train(demo_set: str | Path, base_model: str, train_config, out: str | Path, rt: ApprenticeRuntime | None = None,
@@ -60,7 +48,7 @@ def train(demo_set: str | Path, base_model: str, train_config, out: str | Path, 
     t0 = time.perf_counter()
     trainer = worker_group(apprentice_worker, dataclasses.asdict(rc), name=f"apprentice-{uuid.uuid4().hex[:6]}",
                            workers=rt.workers, cpus_per_worker=rt.cpus_per_worker, gpus_per_worker=rt.gpus_per_worker,
-                           storage=rt.storage or str(out.parent / f".{out.name}.ray"), max_failures=rt.max_failures)
+                           storage=rt.storage_for(out), max_failures=rt.max_failures)
     trainer.fit()
     info = ApprenticeInfo.read(out)
     log.info("apprentice trained on Ray in %.0f s (%d worker(s)): %s", time.perf_counter() - t0, rt.workers, out)

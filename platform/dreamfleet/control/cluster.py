@@ -36,6 +36,25 @@ class WorkerConfig:
             raise ConfigError("cpus_per_worker must be positive and gpus_per_worker not negative")
 
 
+@dataclass(frozen=True)
+class EncoderRuntime(WorkerConfig):
+    """Where one model trained on a whole worker group trains (the apprentice, PromptNet):
+    in this process, or as one Ray Train ``TorchTrainer`` of N data-parallel workers."""
+
+    local: bool = cfg(False, "train in this process, without Ray")
+    workers: int = cfg(1, "Ray Train workers (data parallel)")
+    max_failures: int = cfg(2, "worker-group restarts (each resumes from the last checkpoint)")
+    storage: str | None = cfg(None, "Ray Train storage for checkpoints (default: <out>.ray beside --out)")
+
+    def __post_init__(self) -> None:
+        self.check_workers()
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1")
+
+    def storage_for(self, out: Path) -> str:
+        return self.storage or str(out.parent / f".{out.name}.ray")
+
+
 def connect_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
     """Connect to a cluster, or start an embedded one. Returns True if this call started Ray."""
     import ray

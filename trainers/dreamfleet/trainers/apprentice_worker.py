@@ -3,18 +3,15 @@ under DDP or DeepSpeed (``parallelize``), checkpoints reported to Ray Train."""
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dreamfleet.core.config import from_dict
-from dreamfleet.trainers.loop import LoopHooks, run_loop
 from dreamfleet.trainers.parallelize import DeepSpeedEngine, DistContext, build_engine
+from dreamfleet.trainers.ray_loop import run_on_ray
 
 log = logging.getLogger("dreamfleet")
 
@@ -54,33 +51,10 @@ def apprentice_worker(config: dict[str, Any]) -> None:
     objective = ApprenticeObjective(p, rank=dist.rank)
     settings = apprentice_loop_settings(p, progress=False)
     engine = build_engine(objective, settings, dist, rc.zero_stage, rc.offload)
-    work = Path(tempfile.mkdtemp(prefix=f"dreamfleet-apprentice-r{dist.rank}-"))
-    try:
-        ckpt_dir = work / "checkpoints"
-        ckpt_dir.mkdir()
-        resume = ray.train.get_checkpoint()
-        if resume is not None:
-            with resume.as_directory() as d:
-                state = json.loads((Path(d) / "state.json").read_text())
-                shutil.copytree(d, ckpt_dir / f"step-{int(state['step']):08d}")
-
-        def on_checkpoint(step: int, path: Path) -> None:
-            from ray.train import Checkpoint
-
-            ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(str(path)),
-                             checkpoint_dir_name=f"apprentice-step{step:08d}")
-
-        def on_step(step: int, metrics: dict[str, float]) -> None:
-            if dist.is_main and step % 50 == 0:
-                log.info("apprentice step %d/%d loss %.4f", step, settings.loop.steps, metrics["loss"])
-
-        result = run_loop(objective, settings, checkpoint_dir=ckpt_dir, engine=engine, is_main=dist.is_main,
-                          hooks=LoopHooks(on_step=on_step, on_checkpoint=on_checkpoint))
-        full = engine.full_unet_state() if isinstance(engine, DeepSpeedEngine) else None
-        if dist.is_main:
-            publish_apprentice(p, result, Path(rc.out), wall_time_s=time.perf_counter() - t0, full_state=full,
-                               extra_stats={"world_size": dist.world_size, "zero_stage": rc.zero_stage})
-        dist.barrier()
-        ray.train.report({"step": result.final_step, "loss": result.final_loss or 0.0})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    result = run_on_ray(objective, settings, engine, dist, name="apprentice")
+    full = engine.full_unet_state() if isinstance(engine, DeepSpeedEngine) else None
+    if dist.is_main:
+        publish_apprentice(p, result, Path(rc.out), wall_time_s=time.perf_counter() - t0, full_state=full,
+                           extra_stats={"world_size": dist.world_size, "zero_stage": rc.zero_stage})
+    dist.barrier()
+    ray.train.report({"step": result.final_step, "loss": result.final_loss or 0.0})

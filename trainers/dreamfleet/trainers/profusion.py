@@ -239,7 +239,9 @@ class ProFusionObjective:
         self.p, self.cfg, self.rank, self.train_qkv = p, p.cfg, rank, train_qkv
         self.placeholder_id = int(p.base.tokenizer.convert_tokens_to_ids(
             p.base.tokenizer.tokenize(p.placeholder)[0]))
-        self.forward_promptnet = p.promptnet  # a distributed runtime swaps in its DDP wrapper
+        # The distributed engine (parallelize.build_engine) wraps ``denoiser`` in DDP or DeepSpeed
+        # and the loss calls through ``forward_unet``: here the module trained is PromptNet.
+        self.denoiser = self.forward_unet = p.promptnet
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         mods: dict[str, torch.nn.Module] = {"promptnet": self.p.promptnet}
@@ -263,7 +265,7 @@ class ProFusionObjective:
         sched = p.base.noise_scheduler
         noisy = sched.add_noise(latents, noise, t).to(dev)
         t = t.to(dev)
-        s_star = self.forward_promptnet(p.mean[ref].to(dev), t, p.image_tokens[ref].to(dev), noisy)
+        s_star = self.forward_unet(p.mean[ref].to(dev), t, p.image_tokens[ref].to(dev), noisy)
         ids = p.ids[idx].to(dev)
         with p.injector.inject(ids == self.placeholder_id, s_star):
             text = p.base.text_encoder(ids)[0]
@@ -323,14 +325,16 @@ def manifest_photos(manifest: str | Path, subjects: list[str] | None = None):
 
 
 def publish_promptnet(p: Prepared, result: LoopResult, out: Path, *, dataset: dict, wall_time_s: float,
-                      overwrite: bool, extra_stats: dict | None = None) -> PromptNetInfo:
-    """Write the PromptNet folder atomically (weights, promptnet.json, loss history)."""
+                      overwrite: bool, extra_stats: dict | None = None,
+                      full_state: dict[str, torch.Tensor] | None = None) -> PromptNetInfo:
+    """Write the PromptNet folder atomically (weights, promptnet.json, loss history);
+    ``full_state``: the consolidated weights when ZeRO-3 left this process a shard."""
     from safetensors.torch import save_file
 
     net = p.promptnet
+    state = full_state if full_state is not None else net.state_dict()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()},
-                  str(tmp / PROMPTNET_WEIGHTS))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp / PROMPTNET_WEIGHTS))
         info = PromptNetInfo(
             base_model=p.base.describe, arch=dataclasses.asdict(net.arch), placeholder_token=p.placeholder,
             text_dim=int(net.out.out_channels), image_dim=int(net.image_proj.in_features), config=to_dict(p.cfg),
@@ -345,6 +349,12 @@ def publish_promptnet(p: Prepared, result: LoopResult, out: Path, *, dataset: di
     return info
 
 
+def choose_placeholder(base: BaseModel, c: PromptNetConfig) -> str:
+    """The token S* replaces: the config's (checked to be one token), or a rare one."""
+    return check_identifier(base.tokenizer, c.placeholder) if c.placeholder else choose_identifier(base.tokenizer,
+                                                                                                   "profusion")
+
+
 def pretrain_promptnet(manifest: str | Path, base: BaseModel | str, c: PromptNetConfig, out: str | Path, *,
                        subjects: list[str] | None = None, overwrite: bool = False, progress: bool = True,
                        hooks: LoopHooks | None = None) -> PromptNetInfo:
@@ -355,9 +365,8 @@ def pretrain_promptnet(manifest: str | Path, base: BaseModel | str, c: PromptNet
     if (out / PROMPTNET_FILE).is_file() and not overwrite:
         raise ConfigError(f"{out} already holds a PromptNet; pass --overwrite or choose another --out")
     base = load_base(base) if isinstance(base, str) else base
-    placeholder = (check_identifier(base.tokenizer, c.placeholder) if c.placeholder
-                   else choose_identifier(base.tokenizer, "profusion"))
     photos, nouns, dataset = manifest_photos(manifest, subjects)
+    placeholder = choose_placeholder(base, c)
     p = prepare(base, c, None, placeholder, photos, nouns, c.reference)
     work = out.parent / f".{out.name}.work"
     result = run_loop(ProFusionObjective(p), loop_settings(p, "promptnet", progress=progress),

@@ -132,7 +132,7 @@ def _subject(base, photo):
     net = PromptNet.from_unet(base.unet, base.text_encoder.config.hidden_size, enc.hidden_size, PromptNetArch()).eval()
     with torch.no_grad():
         x0, tokens = reference_inputs(photo, base.vae, enc, base.resolution)
-    return PromptNetSubject(net, "sks", x0, tokens)
+    return PromptNetSubject.fixed(net, "sks", x0, tokens)
 
 
 def test_fusion_sampling_batches_two_in_the_fusion_stage(base):
@@ -278,10 +278,12 @@ def test_customised_expert_is_sampled_with_fusion_sampling(promptnet, tmp_path):
     assert info.train_stats["qkv_lora_bytes"] > 0 and info.train_stats["views"] == 4
     assert ExpertInfo.read(tmp_path / "expert").config["promptnet"] == str(promptnet[0])
     pipe, _ = open_expert(tmp_path / "expert")
-    assert isinstance(pipe, FusionPipeline) and pipe.subject.n_tokens == 1
+    assert isinstance(pipe, FusionPipeline) and pipe.subject.promptnet.num_tokens(16) == 1
     images = pipe("a [S*] ball on the beach", num_images_per_prompt=2,
                   params=FusionParams(num_inference_steps=3, refine_step=1), generator=torch.Generator().manual_seed(0)).images
     assert len(images) == 2 and images[0].size == (32, 32)
+    big = pipe("a [S*] ball", height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert big.images[0].size == (64, 64) and pipe.subject.promptnet.num_tokens(32) == 4  # S* follows the latent
 
 
 def test_customisation_refuses_what_it_cannot_use(promptnet, tmp_path):

@@ -46,6 +46,18 @@ def clone_expert(src: Path, dest: Path, sid: str, tenant: str | None) -> Path:
     return dest
 
 
+def promptnet(tmp: Path) -> Path:
+    """A PromptNet for tiny-random, pre-trained for 2 steps (the one-photo flow's encoder)."""
+    from helpers import manifest_with_a_broken_subject
+
+    from dreamfleet.trainers.profusion import PromptNetConfig, pretrain_promptnet
+
+    out = tmp / "promptnet"
+    pretrain_promptnet(manifest_with_a_broken_subject(tmp / "pn-data"), "tiny-random",
+                       PromptNetConfig(steps=2, batch_size=2, checkpoint_every=0), out, progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from ray import serve
@@ -66,10 +78,12 @@ def server(tmp_path_factory):
     keys = KeyStore(tmp / "reg" / "serving" / "keys.json")
     tokens = {"acme": keys.create("acme")[1], "bravo": keys.create("bravo")[1], "admin": keys.create(None, admin=True)[1]}
     cfg = ServeConfig(registry=str(tmp / "reg"), port=free_port(), max_models_per_replica=4, host_cache_size=8,
-                      max_body_bytes=1_000_000,
-                      registry_ttl_s=0.5)
+                      max_body_bytes=1_000_000, registry_ttl_s=0.5, promptnet=str(promptnet(tmp)),
+                      profusion_steps=3, profusion_views=2, profusion_batch_size=2, max_profusion_jobs=1)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
-    serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
+    from dreamfleet.control.profusion_jobs import jobs_deployment
+
+    serve.run(build_app(cfg, jobs=jobs_deployment(cfg)), name="dreamfleet", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{cfg.port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -273,3 +287,54 @@ def test_bounded_load_20_experts_16_clients(server, requests):
     assert state["requests_ok"] >= requests and state["replicas"]
     evictions = sum(r["stats"]["evictions"] for r in state["replicas"].values())
     assert evictions > 0  # 20 experts rotate through an LRU of 4
+
+
+def png_b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_one_photo_profusion_flow_over_http(server):
+    """Post one photo and a class noun, poll the job, generate with the new expert (Fusion
+    Sampling); a corrupt photo is 422 naming it, another tenant's job 404, a second job while
+    the server runs its one allowed job 429."""
+    photo = png_b64(picture(41))
+    r = post(server, {"photo": photo, "class_noun": "dog"}, token="acme", path="/v1/profusion/jobs")
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] == "queued" and job["status_url"] == f"/v1/profusion/jobs/{job['job_id']}"
+    busy = post(server, {"photo": photo, "class_noun": "dog"}, token="acme", path="/v1/profusion/jobs")
+    assert busy.status_code == 429 and busy.headers["Retry-After"]
+    bad = post(server, {"photo": base64.b64encode(b"\x89PNG not really").decode(), "class_noun": "dog"},
+               token="acme", path="/v1/profusion/jobs")
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "photo"]
+    url = server["url"] + job["status_url"]
+    assert httpx.get(url, headers=auth(server["tokens"]["bravo"]), timeout=30).status_code == 404
+    deadline, state = time.time() + 300, {}
+    while time.time() < deadline:
+        state = httpx.get(url, headers=auth(server["tokens"]["acme"]), timeout=30).json()
+        if state["state"] in ("done", "failed"):
+            break
+        time.sleep(1)
+    assert state["state"] == "done" and state["version"] == "v0001", state
+    info = server["reg"].expert_info(job["subject"])
+    assert info.method == "profusion" and info.tenant == "acme" and info.num_images == 1
+    body = {"subject": job["subject"], "prompt": "a [V] dog on the beach", "version": state["version"], "num_images": 2,
+            "fusion": {"refine_step": 1, "guidance_scale_ref": 3.0}, **GEN}
+    r = post(server, body, token="acme")
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 2 and decode(r.json()["images"][0]).shape == (64, 64, 3)
+    assert post(server, body, token="bravo").status_code == 404
+
+
+def test_fusion_sampling_on_a_dreambooth_expert_over_http(server):
+    body = {"subject": "alpha", "prompt": "a [V] dog on the beach", "num_images": 1, **GEN}
+    plain = post(server, body, token="acme")
+    fused = post(server, {**body, "fusion": {"refine_step": 1, "guidance_scale_ref": 2.0}}, token="acme")
+    assert plain.status_code == fused.status_code == 200, fused.text
+    assert not np.array_equal(decode(plain.json()["images"][0]), decode(fused.json()["images"][0]))
+    again = post(server, {**body, "fusion": {"refine_step": 1, "guidance_scale_ref": 2.0}}, token="acme")
+    assert np.array_equal(decode(again.json()["images"][0]), decode(fused.json()["images"][0]))  # seeded
+    assert post(server, {**body, "fusion": {"refine_step": 9}}, token="acme").status_code == 422
+    assert post(server, {**body, "subject": "xl", "fusion": {}}, token="bravo").status_code == 422

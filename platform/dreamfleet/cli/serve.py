@@ -108,7 +108,9 @@ def start(cfg, *, address: str | None = None, detach: bool = True):
     if not ray.is_initialized():
         connect_ray(address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
+    from dreamfleet.control.profusion_jobs import jobs_deployment
+
+    serve.run(build_app(cfg, jobs=jobs_deployment(cfg)), name="dreamfleet", route_prefix="/", blocking=False)
     from dreamfleet.dashboard.server import dashboard_for_serve
 
     serve.run(dashboard_for_serve(cfg, address=address), name="dashboard", route_prefix="/dashboard", blocking=False)

@@ -191,11 +191,11 @@ class FusionPipeline:
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         return self.pipe.text_encoder(ids)[0]
 
-    def conditioning(self, prompts: list[str], p: FusionParams) -> Conditioning:
+    def conditioning(self, prompts: list[str], p: FusionParams, latent_side: int) -> Conditioning:
         """∅, C̃ (once), and C / C^γ (fixed, or from PromptNet at every step)."""
         n = len(prompts)
         if self.subject is not None:
-            prompts = [self.subject.expand(q) for q in prompts]
+            prompts = [self.subject.expand(q, latent_side) for q in prompts]
         ids = self.ids(prompts)
         mask = torch.isin(ids, self.subject_ids.to(ids.device))
         if not bool(mask.any(1).all()):
@@ -243,7 +243,7 @@ class FusionPipeline:
                  (width or side) // pipe.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=pipe.text_encoder.dtype)
-        cond = self.conditioning(prompts, p)
+        cond = self.conditioning(prompts, p, latents.shape[-1])
         try:
             x = FusionSampler(pipe.unet, dict(pipe.scheduler.config), p).sample(latents.to(self.device), cond,
                                                                                 generator)

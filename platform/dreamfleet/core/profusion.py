@@ -336,30 +336,37 @@ class PromptNetConditioning:
 
 @dataclass
 class PromptNetSubject:
-    """A ProFusion subject at sampling time: its PromptNet, reference and placeholder token."""
+    """A ProFusion subject at sampling time: its PromptNet, placeholder token and reference,
+    the reference's (x̄0, image tokens) given per latent side (S* follows the latent size)."""
 
     promptnet: PromptNet
     placeholder: str
-    x0: torch.Tensor  # [1, C, h, w]
-    image_tokens: torch.Tensor  # [1, T, D_image]
+    reference: Any  # latent side -> (x̄0 [1, C, h, w], image tokens [1, T, D_image])
 
-    @property
-    def n_tokens(self) -> int:
-        return self.promptnet.num_tokens(self.x0.shape[-1])
+    @classmethod
+    def fixed(cls, promptnet: PromptNet, placeholder: str, x0: torch.Tensor, tokens: torch.Tensor) -> PromptNetSubject:
+        """A subject whose reference inputs are given (sampled at their latent side only)."""
+        def reference(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if side != x0.shape[-1]:
+                raise ValueError(f"this subject's reference is {x0.shape[-1]} latent pixels a side, not {side}")
+            return x0, tokens
 
-    def expand(self, prompt: str) -> str:
-        """``[S*]`` -> the placeholder, repeated N times where S* has N tokens."""
-        words = [" ".join([self.placeholder] * self.n_tokens) if w in (PLACEHOLDER, self.placeholder) else w
+        return cls(promptnet, placeholder, reference)
+
+    def expand(self, prompt: str, latent_side: int) -> str:
+        """``[S*]`` -> the placeholder, repeated N times where S* has N tokens at this latent side."""
+        n = self.promptnet.num_tokens(latent_side)
+        words = [" ".join([self.placeholder] * n) if w in (PLACEHOLDER, self.placeholder) else w
                  for w in prompt.replace(PLACEHOLDER, f" {PLACEHOLDER} ").split()]
         return " ".join(words)
 
     def to(self, device) -> None:
         self.promptnet.to(device)
-        self.x0, self.image_tokens = self.x0.to(device), self.image_tokens.to(device)
 
     def tokens(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        return self.promptnet(self.x0.expand(b, -1, -1, -1), t, self.image_tokens.expand(b, -1, -1), x)
+        x0, image_tokens = self.reference(x.shape[-1])
+        return self.promptnet(x0.expand(b, -1, -1, -1), t, image_tokens.expand(b, -1, -1), x)
 
     def conditioning(self, fp, ids, mask, uncond, ref, gamma: float) -> PromptNetConditioning:
         """The request's conditioning; its hook on ``fp``'s text encoder lives until ``close()``."""
@@ -373,15 +380,18 @@ class ProFusionWeights:
     promptnet: PromptNet
     info: PromptNetInfo
     photo: Any  # PIL image
-    reference: tuple[torch.Tensor, torch.Tensor] | None = None  # (x̄0, image tokens), computed once
+    cache: dict = field(default_factory=dict)  # (device, side) -> (x̄0, image tokens)
+    encoder: Any = None
 
-    def reference_inputs(self, vae, base) -> tuple[torch.Tensor, torch.Tensor]:
-        """The photo's (x̄0, image tokens) on the VAE's device, the image encoder loaded once."""
-        if self.reference is None or self.reference[0].device != vae.device:
-            encoder = load_image_encoder(self.info.arch.get("image_encoder", "vae"), base).to(vae.device)
+    def reference_inputs(self, vae, base, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The photo's (x̄0, image tokens) at ``side`` pixels on the VAE's device, computed once each."""
+        key = (str(vae.device), side)
+        if key not in self.cache:
+            if self.encoder is None:
+                self.encoder = load_image_encoder(self.info.arch.get("image_encoder", "vae"), base)
             with torch.no_grad():
-                self.reference = reference_inputs(self.photo, vae, encoder, base.resolution)
-        return self.reference
+                self.cache[key] = reference_inputs(self.photo, vae, self.encoder.to(vae.device), side)
+        return self.cache[key]
 
     @classmethod
     def read(cls, folder: str | Path, base) -> ProFusionWeights:
@@ -401,6 +411,7 @@ def fusion_pipeline(pipe, expert_info, weights: ProFusionWeights, base):
     from dreamfleet.core.fusion import FusionPipeline
 
     net = weights.promptnet.to(pipe.unet.device, pipe.unet.dtype)
-    x0, tokens = weights.reference_inputs(pipe.vae, base)
-    subject = PromptNetSubject(net, expert_info.identifier, x0, tokens)
+    scale = pipe.vae_scale_factor
+    subject = PromptNetSubject(net, expert_info.identifier,
+                               lambda side: weights.reference_inputs(pipe.vae, base, side * scale))
     return FusionPipeline(pipe, identifier=expert_info.identifier, class_noun=expert_info.class_noun, subject=subject)

@@ -36,8 +36,9 @@ def body_limit(max_body_bytes: int):
     return limit_body
 
 
-def build_app(cfg: ServeConfig):
-    """The bound Serve application for ``serve.run``."""
+def build_app(cfg: ServeConfig, *, jobs=None):
+    """The bound Serve application for ``serve.run``; ``jobs``: the bound deployment that runs
+    one-photo ProFusion jobs (``dreamfleet.control.profusion_jobs.jobs_deployment``), if any."""
     from fastapi import FastAPI, Header
     from ray import serve
 
@@ -46,6 +47,7 @@ def build_app(cfg: ServeConfig):
     from dreamfleet.serving.schemas import request_models
 
     GenerateRequest, OpenAIImageRequest = request_models(cfg)
+    from dreamfleet.serving.schemas import ProFusionJobRequest
     app = FastAPI(title="dreamfleet", description="Generate images of your subjects with their DreamBooth experts.")
     app.middleware("http")(body_limit(cfg.max_body_bytes))
 
@@ -61,6 +63,14 @@ def build_app(cfg: ServeConfig):
         @app.post("/v1/images/generations")
         async def openai_generations(self, body: OpenAIImageRequest, authorization: str | None = Header(None)):
             return await self.handle_openai(body, authorization)
+
+        @app.post("/v1/profusion/jobs", status_code=202)
+        async def profusion_jobs(self, body: ProFusionJobRequest, authorization: str | None = Header(None)):
+            return await self.handle_profusion_job(body, authorization)
+
+        @app.get("/v1/profusion/jobs/{job_id}")
+        async def profusion_job_status(self, job_id: str, authorization: str | None = Header(None)):
+            return self.profusion_job(job_id, authorization)
 
         @app.get("/v1/subjects")
         async def subjects(self, authorization: str | None = Header(None)):
@@ -86,4 +96,4 @@ def build_app(cfg: ServeConfig):
     replica = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
     model = ExpertModel.options(num_replicas=cfg.replicas, ray_actor_options=replica).bind(to_dict(cfg))
     apprentice = ApprenticeModel.options(ray_actor_options=replica).bind(to_dict(cfg)) if cfg.apprentice else None
-    return Ingress.bind(model, apprentice, to_dict(cfg))
+    return Ingress.bind(model, apprentice, to_dict(cfg), jobs)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from dreamfleet.core.config import cfg
 from dreamfleet.core.errors import ConfigError
 
+PROFUSION_JOB_RUN_ID = "profusion-http"  # the registry run id of subjects customised over HTTP
+
 
 @dataclass
 class ServeConfig:
@@ -33,6 +35,11 @@ class ServeConfig:
     default_steps: int = cfg(25, "steps when a request does not say")
     default_guidance_scale: float = cfg(7.5, "classifier-free guidance when a request does not say")
     registry_ttl_s: float = cfg(2.0, "how long registry reads are cached; new experts appear within this")
+    promptnet: str | None = cfg(None, "pre-trained PromptNet folder: enables the one-photo flow, POST /v1/profusion/jobs")
+    profusion_steps: int = cfg(100, "customisation steps of a one-photo job (ProFusion's 100)")
+    profusion_views: int = cfg(31, "augmented views of a one-photo job's photo")
+    profusion_batch_size: int = cfg(4, "views per customisation step")
+    max_profusion_jobs: int = cfg(2, "one-photo customisations running at once (more answer 429)")
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.max_models_per_replica < 1 or self.max_batch_size < 1:

@@ -42,9 +42,11 @@ class GenItem:
     seed: int
     width: int
     height: int
+    fusion: dict[str, float] | None = None  # Fusion Sampling parameters (core.fusion.FusionParams fields)
 
     def shape_key(self) -> tuple:
-        return (self.steps, self.guidance_scale, self.width, self.height)
+        fusion = tuple(sorted(self.fusion.items())) if self.fusion is not None else None
+        return (self.steps, self.guidance_scale, self.width, self.height, fusion)
 
 
 @dataclass
@@ -205,6 +207,20 @@ class ExpertEngine:
             getattr(owner, component).disable_adapters()
         return expert_pipeline(base, entry.weights)  # the expert's UNet and text encoder, the base's VAE
 
+    @staticmethod
+    def _fusion(pipe, entry: HostExpert):
+        """The pipeline sampled with Fusion Sampling: a ProFusion expert's already is; a
+        DreamBooth expert's gets C = the prompt, C̃ = the prompt with the class noun for [V]."""
+        from dreamfleet.core.fusion import FusionPipeline
+
+        if isinstance(pipe, FusionPipeline):
+            return pipe
+        if entry.info.base_model.get("family", "sd") != "sd":
+            from dreamfleet.core.errors import ConfigError
+
+            raise ConfigError("Fusion Sampling runs on Stable Diffusion 1.x/2.x experts (DDIM over a UNet)")
+        return FusionPipeline(pipe, identifier=entry.info.identifier, class_noun=entry.info.class_noun)
+
     def generate(self, subject_id: str, version: str, items: list[GenItem]) -> list[list[Image.Image]]:
         """Images for each item, in order. Items with the same shape share one pipeline call."""
         out: list[list[Image.Image] | None] = [None] * len(items)
@@ -214,16 +230,17 @@ class ExpertEngine:
             groups: dict[tuple, list[int]] = collections.defaultdict(list)
             for i, item in enumerate(items):
                 groups[item.shape_key()].append(i)
-            for (steps, guidance, width, height), idx in groups.items():
+            for (steps, guidance, width, height, fusion), idx in groups.items():
                 prompts, generators = [], []
                 gen_device = self.device if self.device.type == "cuda" else "cpu"
                 for i in idx:
                     it = items[i]
                     prompts += [it.prompt] * it.num_images
                     generators += [torch.Generator(gen_device).manual_seed(it.seed + j) for j in range(it.num_images)]
+                call = pipe if fusion is None else self._fusion(pipe, entry)
                 with torch.inference_mode():
-                    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, width=width,
-                                  height=height, generator=generators).images
+                    images = call(prompts, num_inference_steps=steps, guidance_scale=guidance, width=width,
+                                  height=height, generator=generators, **dict(fusion or ())).images
                 pos = 0
                 for i in idx:
                     out[i] = images[pos:pos + items[i].num_images]

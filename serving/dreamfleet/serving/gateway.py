@@ -30,7 +30,7 @@ def _failed(rid: str) -> JSONResponse:
 
 
 class Gateway:
-    def __init__(self, model, apprentice, cfg_dict: dict[str, Any]):
+    def __init__(self, model, apprentice, cfg_dict: dict[str, Any], jobs=None):
         from dreamfleet.registry import Registry
         from dreamfleet.serving.auth import KeyStore, default_keys_path
         from dreamfleet.serving.metrics import ServingMetrics
@@ -38,6 +38,7 @@ class Gateway:
         self.cfg = from_dict(ServeConfig, cfg_dict)
         self.model = model
         self.apprentice = apprentice
+        self.jobs = jobs  # the ProFusionJobs deployment (control.profusion_jobs), with --promptnet
         self.apprentice_info = None
         if self.cfg.apprentice:
             from dreamfleet.core.apprentice import ApprenticeInfo
@@ -110,10 +111,10 @@ class Gateway:
             raise HTTPException(422, detail=[{"loc": ["body", "prompt"], "type": "too_long",
                                               "msg": f"prompt is {n} tokens, over the limit of {tok.model_max_length}"}])
 
-    async def _run(self, info, version, prompt, n, steps, guidance, seed, width, height, route):
+    async def _run(self, info, version, prompt, n, steps, guidance, seed, width, height, route, fusion=None):
         rid = uuid.uuid4().hex[:16]
         item = {"prompt": prompt, "num_images": n, "steps": steps, "guidance_scale": guidance,
-                "seed": seed, "width": width, "height": height}
+                "seed": seed, "width": width, "height": height, "fusion": fusion}
         try:
             handle = self.model.options(multiplexed_model_id=str(ExpertKey(info.subject_id, version)))
             reply = await handle.generate.remote(item)
@@ -134,31 +135,31 @@ class Gateway:
 
     def _demonstrations(self, body) -> list[bytes]:
         """Decoded demonstration bytes, or 422 naming the one that is bad."""
+        return [self._photo(b64, ["body", "demonstrations", i], "demonstration")
+                for i, b64 in enumerate(body.demonstrations)]
+
+    def _photo(self, b64: str, loc: list, what: str) -> bytes:
+        """One base64 photo's bytes, or 422 naming it (``loc``) and what is wrong with it."""
         from dreamfleet.core.errors import DataError
         from dreamfleet.core.images import decode_image
 
-        out = []
-        for i, b64 in enumerate(body.demonstrations):
-            loc = ["body", "demonstrations", i]
+        def bad(kind: str, msg: str):
+            return HTTPException(422, detail=[{"loc": loc, "type": kind, "msg": msg}])
 
-            def bad(kind: str, msg: str, loc=loc):
-                return HTTPException(422, detail=[{"loc": loc, "type": kind, "msg": msg}])
-
-            try:
-                data = base64.b64decode(b64, validate=True)
-            except (ValueError, TypeError):
-                raise bad("not_base64", "not valid base64") from None
-            if len(data) > self.cfg.max_demo_bytes:
-                raise bad("too_large", f"demonstration is {len(data)} bytes, over the limit of {self.cfg.max_demo_bytes}")
-            try:
-                img = decode_image(data, name=f"demonstrations[{i}]")
-            except DataError as e:
-                raise bad("not_an_image", str(e)) from None
-            if max(img.size) > self.cfg.max_demo_side:
-                raise bad("too_large", f"demonstration is {img.size[0]}x{img.size[1]} px, over the limit of "
-                                       f"{self.cfg.max_demo_side} px a side")
-            out.append(data)
-        return out
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except (ValueError, TypeError):
+            raise bad("not_base64", "not valid base64") from None
+        if len(data) > self.cfg.max_demo_bytes:
+            raise bad("too_large", f"{what} is {len(data)} bytes, over the limit of {self.cfg.max_demo_bytes}")
+        try:
+            img = decode_image(data, name=".".join(str(x) for x in loc[1:]))
+        except DataError as e:
+            raise bad("not_an_image", str(e)) from None
+        if max(img.size) > self.cfg.max_demo_side:
+            raise bad("too_large", f"{what} is {img.size[0]}x{img.size[1]} px, over the limit of "
+                                   f"{self.cfg.max_demo_side} px a side")
+        return data
 
     async def _generate_zero_shot(self, body, t0):
         from dreamfleet.core.apprentice import fill_prompt
@@ -203,8 +204,12 @@ class Gateway:
         self._check_prompt(info.base_model["spec"], prompt)
         width, height = self._size(info, body.width, body.height)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+        if body.fusion is not None and info.base_model.get("family", "sd") != "sd":
+            raise HTTPException(422, detail=[{"loc": ["body", "fusion"], "type": "unsupported",
+                                              "msg": "Fusion Sampling runs on Stable Diffusion 1.x/2.x experts"}])
+        fusion = body.fusion.values() if body.fusion is not None else None
         images, rid, error = await self._run(info, version, prompt, body.num_images, body.steps,
-                                             body.guidance_scale, seed, width, height, "generate")
+                                             body.guidance_scale, seed, width, height, "generate", fusion)
         if error is not None:
             return error
         self.metrics.observe("generate", time.perf_counter() - t0)
@@ -227,6 +232,56 @@ class Gateway:
             return error
         self.metrics.observe("openai", time.perf_counter() - t0)
         return {"created": int(time.time()), "data": [{"b64_json": b, "revised_prompt": prompt} for b in images]}
+
+    def _new_subject(self, requested: str | None) -> str:
+        from dreamfleet.core.ids import validate_subject_id
+
+        sid = requested or f"pf-{uuid.uuid4().hex[:12]}"
+        try:
+            validate_subject_id(sid)
+        except Exception as e:
+            raise HTTPException(422, detail=[{"loc": ["body", "subject"], "type": "bad_id", "msg": str(e)}]) from None
+        if self.registry.get_state(sid) is not None or self.registry.versions(sid):
+            raise HTTPException(409, detail=[{"loc": ["body", "subject"], "type": "exists",
+                                              "msg": f"subject {sid!r} exists; choose another id"}])
+        return sid
+
+    async def handle_profusion_job(self, body, authorization: str | None):
+        """``POST /v1/profusion/jobs``: customise a new subject from one photo (202 and a job id)."""
+        from dreamfleet.core.errors import ConfigError
+        from dreamfleet.core.identifiers import check_class_noun
+
+        caller = self._caller(authorization)
+        if self.jobs is None:
+            raise HTTPException(422, detail=[{"loc": ["body"], "type": "no_promptnet",
+                                              "msg": "this server has no PromptNet; start it with --promptnet DIR"}])
+        photo = self._photo(body.photo, ["body", "photo"], "photo")
+        try:
+            class_noun = check_class_noun(body.class_noun)
+        except ConfigError as e:
+            raise HTTPException(422, detail=[{"loc": ["body", "class_noun"], "type": "bad_class", "msg": str(e)}]) from None
+        sid = self._new_subject(body.subject)
+        reply = await self.jobs.submit.remote({"subject": sid, "class_noun": class_noun, "photo": photo,
+                                               "tenant": caller.tenant})
+        if reply.get("error") == "too_many":
+            raise HTTPException(429, f"{reply['running']} one-photo jobs are running, the most this server runs at "
+                                     "once; retry later", headers={"Retry-After": "30"})
+        return JSONResponse(status_code=202, content={"job_id": sid, "subject": sid, "state": "queued",
+                                                      "status_url": f"/v1/profusion/jobs/{sid}"})
+
+    def profusion_job(self, job_id: str, authorization: str | None):
+        """``GET /v1/profusion/jobs/{id}``: the job's state; 404 for unknown and other tenants' jobs."""
+        from dreamfleet.serving.config import PROFUSION_JOB_RUN_ID as JOB_RUN_ID
+
+        caller = self._caller(authorization)
+        try:
+            st = self.registry.get_state(job_id)
+        except Exception:
+            st = None
+        if st is None or st.run_id != JOB_RUN_ID or not caller.may_use(st.tenant):
+            raise HTTPException(404, f"unknown job {job_id!r}")
+        return {"job_id": job_id, "subject": job_id, "state": st.state, "version": st.version, "error": st.error,
+                "step": st.step, "total_steps": st.total_steps}
 
     def list_subjects(self, authorization: str | None):
         caller = self._caller(authorization)

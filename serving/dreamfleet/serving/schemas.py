@@ -44,6 +44,35 @@ def _size_within(v: str | None, min_side: int, max_side: int) -> str | None:
     return v
 
 
+class FusionRequest(BaseModel):
+    """Fusion Sampling for this request (ProFusion experts always use it; a DreamBooth expert
+    uses it when asked). Unset fields keep the method's defaults; ``guidance_scale`` is w1."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    refine_step: int | None = Field(None, ge=0, le=4, description="K: fusion stages per step (0: composable guidance)")
+    guidance_scale_ref: float | None = Field(None, ge=0.0, le=30.0, description="w2: guidance toward the class prompt")
+    refine_guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="w_f: guidance of the fusion stage")
+    refine_emb_scale: float | None = Field(None, ge=0.0, le=2.0, description="gamma: scale of S* in the fusion stage")
+    refine_eta: float | None = Field(None, ge=0.0, le=1.0, description="eta_f: noise of the fusion stage")
+    eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM eta of the refinement step")
+
+    def values(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ProFusionJobRequest(BaseModel):
+    """``POST /v1/profusion/jobs``: one photo and its class noun."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    photo: str = Field(min_length=1, description="the subject's photo, base64")
+    class_noun: str = Field(min_length=1, max_length=64, description="the subject's class, e.g. dog")
+    subject: str | None = Field(None, min_length=1, max_length=128, description="subject id (default: generated)")
+
+    not_blank = field_validator("class_noun")(_not_blank)
+
+
 def request_models(cfg: ServeConfig):
     """Pydantic models whose bounds come from the server's config."""
 
@@ -65,6 +94,7 @@ def request_models(cfg: ServeConfig):
         width: int | None = Field(None, ge=cfg.min_side, le=cfg.max_side)
         height: int | None = Field(None, ge=cfg.min_side, le=cfg.max_side)
         version: str | None = Field(None, max_length=32)
+        fusion: FusionRequest | None = Field(None, description="Fusion Sampling parameters")
 
         multiple_of_8 = field_validator("width", "height")(_multiple_of_8)
         not_blank = field_validator("prompt")(_not_blank)

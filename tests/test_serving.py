@@ -320,6 +320,10 @@ def test_one_photo_profusion_flow_over_http(server):
     assert state["state"] == "done" and state["version"] == "v0001", state
     info = server["reg"].expert_info(job["subject"])
     assert info.method == "profusion" and info.tenant == "acme" and info.num_images == 1
+    from dreamfleet.dashboard.views import subjects_view
+
+    rows = {r["subject"]: r for r in subjects_view(server["reg"])["subjects"]}  # the dashboard's subjects page
+    assert rows[job["subject"]]["run_id"] == "profusion-http" and rows[job["subject"]]["state"] == "done"
     body = {"subject": job["subject"], "prompt": "a [V] dog on the beach", "version": state["version"], "num_images": 2,
             "fusion": {"refine_step": 1, "guidance_scale_ref": 3.0}, **GEN}
     r = post(server, body, token="acme")

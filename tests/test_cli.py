@@ -25,7 +25,7 @@ def test_help_lists_commands():
     r = cli("--help")
     assert r.returncode == 0 and "train-subject" in r.stdout and "demo" in r.stdout
     r = cli("train-subject", "--help")
-    assert r.returncode == 0 and "--class-noun" in r.stdout and "--method {lora,full}" in r.stdout
+    assert r.returncode == 0 and "--class-noun" in r.stdout and "--method {lora,full,profusion}" in r.stdout
 
 
 def test_train_subject_cli_writes_expert(tmp_path, capsys):

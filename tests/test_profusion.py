@@ -147,13 +147,13 @@ def test_fusion_sampling_batches_two_in_the_fusion_stage(base):
     h1 = pipe.unet.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
     h2 = subject.promptnet.register_forward_pre_hook(lambda m, a: promptnet_calls.append(a[0].shape[0]))
     params = FusionParams(num_inference_steps=3, refine_step=1, guidance_scale_ref=5.0, guidance_scale=7.0)
-    images = fp(["a [S*] on the beach", "a photo of sks dog"], num_images_per_prompt=2, params=params,
+    images = fp(["a [S*] on the beach", "a photo of a dog"], num_images_per_prompt=2, params=params,
                 generator=torch.Generator().manual_seed(0)).images
     h1.remove(), h2.remove()
     assert not pipe.text_encoder.embeddings._forward_hooks  # the request's hook is gone
     assert len(images) == 4 and images[0].size == (32, 32)
     assert batches == [8, 12] * 3
-    assert promptnet_calls == [4, 4] * 3
+    assert promptnet_calls == [4, 4] * 3  # S* for every image; only the first prompt's two take it
 
 
 def test_reference_prompt_puts_the_class_noun_in_the_identifiers_place():
@@ -417,3 +417,62 @@ def test_pretraining_on_ray_train_with_two_ddp_workers(manifest, tmp_path, ray_l
     assert list(info.dataset["skipped"]) == ["broken"]
     state = load_file(str(tmp_path / "pn" / "promptnet.safetensors"))
     assert state and all(torch.isfinite(v).all() for v in state.values())
+
+
+# --------------------------------------------------------------------------- the toy comparison
+
+
+def test_toy_comparison_runs_every_stage_for_a_few_steps(tmp_path):
+    """`dreamfleet profusion compare`'s stages, tiny: pre-training, every row, the sweep, the table."""
+    from dreamfleet.eval.profusion_bench import ProFusionBenchConfig, run_profusion_bench
+
+    c = ProFusionBenchConfig(subjects=["ball-ring"], train_subjects=3, pretrain_steps=2, pretrain_batch=2,
+                             customize_steps=2, customize_batch=2, views=1,
+                             dreambooth={"steps": 2, "num_class_images": 2, "class_generation_steps": 2},
+                             images_per_prompt=1, num_inference_steps=2, sweep={"refine_emb_scale": [0.4]})
+    summary = run_profusion_bench(tmp_path, c)
+    labels = summary["labels"]
+    assert list(labels) == ["base", "DreamBooth+prior (5 photos)", "DreamBooth+prior, Fusion Sampling",
+                            "ProFusion (1 photo, Fusion Sampling)", "ProFusion K=0", "ProFusion + L2 on S* (K=0)",
+                            "sweep refine_emb_scale=0.4"]
+    pf = labels["ProFusion (1 photo, Fusion Sampling)"]
+    assert 0 <= pf["subject_fidelity"] <= 1 and pf["personalise_s"] > 0 and pf["first_image_s"] >= pf["personalise_s"]
+    assert set(summary["targets"]) == {"similarity_vs_dreambooth", "prompt_fidelity_vs_base",
+                                       "time_ratio_vs_dreambooth", "fusion_vs_k0"}
+    assert (tmp_path / "sweep.png").is_file() and "ProFusion K=0" in (tmp_path / "results.md").read_text()
+    assert summary["promptnet"]["steps"] == 2
+
+
+@pytest.mark.slow  # the whole comparison of docs/profusion.md (about an hour on 2 cores)
+def test_toy_comparison_full(artifacts_dir):
+    from dreamfleet.eval.profusion_bench import run_profusion_bench
+
+    summary = run_profusion_bench(artifacts_dir / "profusion")
+    assert summary["targets"]
+
+
+def test_a_clip_vision_folder_as_the_image_encoder(manifest, tmp_path):
+    """Real SD bases take a CLIP vision model (a local folder here, built tiny from a config):
+    its last_hidden_state tokens (patches + CLS) are PromptNet's image tokens."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from dreamfleet.core.errors import ConfigError
+    from dreamfleet.core.expert import open_expert
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.profusion import CustomizeConfig, customize_subject, pretrain_promptnet
+
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=32, patch_size=8))
+    vision.save_pretrained(tmp_path / "clip-vision")
+    info = pretrain_promptnet(manifest, "tiny-random", pn_config(steps=1, image_encoder=str(tmp_path / "clip-vision")),
+                              tmp_path / "pn", progress=False)
+    assert info.image_dim == 24 and info.arch["image_encoder"] == str(tmp_path / "clip-vision")
+    enc = load_image_encoder(str(tmp_path / "clip-vision"), load_base("tiny-random"))
+    assert enc(torch.zeros(2, 3, 32, 32)).shape == (2, 17, 24)  # 4x4 patches + CLS
+    subject = SubjectData("blue", "ball", [Image.new("RGB", (40, 40), (20, 120, 220))])
+    customize_subject(subject, "tiny-random", CustomizeConfig(steps=1, views=1, promptnet=str(tmp_path / "pn")),
+                      tmp_path / "expert", progress=False)
+    pipe, _ = open_expert(tmp_path / "expert")
+    assert pipe("a [S*] ball", num_inference_steps=2).images[0].size == (32, 32)
+    with pytest.raises(ConfigError, match="not a CLIPVisionModel folder"):
+        load_image_encoder(str(tmp_path / "missing"), load_base("tiny-random"))

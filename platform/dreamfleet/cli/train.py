@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "DreamBooth for one subject: fine-tunes the base model on 'a [V] [class noun]' with the "
             "photos in --images, with the class prior-preservation loss, and writes an expert folder "
             "(weights, expert.json, validation images) to --out. Re-running after an interruption "
-            "resumes from the last checkpoint."
+            "resumes from the last checkpoint. With --method profusion: ProFusion from the first photo "
+            "(--promptnet DIR from `dreamfleet profusion pretrain`; no class images)."
         ),
     )
     p.add_argument("--images", required=True, type=Path, help="folder with the subject's photos")

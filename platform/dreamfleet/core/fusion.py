@@ -197,10 +197,7 @@ class FusionPipeline:
         if self.subject is not None:
             prompts = [self.subject.expand(q, latent_side) for q in prompts]
         ids = self.ids(prompts)
-        mask = torch.isin(ids, self.subject_ids.to(ids.device))
-        if not bool(mask.any(1).all()):
-            raise ConfigError(f"every Fusion Sampling prompt must name the subject ({self.identifier!r}); "
-                              f"got {prompts}")
+        mask = torch.isin(ids, self.subject_ids.to(ids.device))  # a prompt without the subject: plain guidance
         uncond = self.encode(self.ids([""] * n))
         ref = None
         if p.guidance_scale_ref:

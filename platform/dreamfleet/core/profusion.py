@@ -215,7 +215,8 @@ class Injector:
 
     A forward hook on the text encoder's ``embeddings`` (token plus position embedding):
     inside :meth:`inject`, the output rows where ``mask`` is true become ``tokens`` (row-major,
-    N per prompt); outside it the text encoder is untouched.
+    N per prompt that names the subject; a prompt that does not is left alone); outside it the
+    text encoder is untouched.
     """
 
     def __init__(self, text_encoder):
@@ -230,14 +231,15 @@ class Injector:
             raise ValueError(f"placeholder mask {tuple(self.mask.shape)} does not match the embeddings "
                              f"{tuple(output.shape[:2])}")
         out = output.clone()
-        out[self.mask] = self.tokens.reshape(-1, out.shape[-1]).to(out.dtype)
+        named = self.mask.any(1)  # prompts without the placeholder (say the plain class prompt) stay as they are
+        out[self.mask] = self.tokens[named].reshape(-1, out.shape[-1]).to(out.dtype)
         return out
 
     @contextlib.contextmanager
     def inject(self, mask: torch.Tensor, tokens: torch.Tensor) -> Iterator[None]:
         counts = mask.sum(1)
-        if not bool((counts == tokens.shape[1]).all()):
-            raise ValueError(f"each prompt needs {tokens.shape[1]} placeholder token(s); found {counts.tolist()}")
+        if not bool(((counts == tokens.shape[1]) | (counts == 0)).all()):
+            raise ValueError(f"each prompt needs {tokens.shape[1]} placeholder token(s) or none; found {counts.tolist()}")
         self.mask, self.tokens = mask, tokens
         try:
             yield

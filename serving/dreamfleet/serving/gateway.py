@@ -207,7 +207,7 @@ class Gateway:
         if body.fusion is not None and info.base_model.get("family", "sd") != "sd":
             raise HTTPException(422, detail=[{"loc": ["body", "fusion"], "type": "unsupported",
                                               "msg": "Fusion Sampling runs on Stable Diffusion 1.x/2.x experts"}])
-        fusion = body.fusion.values() if body.fusion is not None else None
+        fusion = body.fusion.params() if body.fusion is not None else None
         images, rid, error = await self._run(info, version, prompt, body.num_images, body.steps,
                                              body.guidance_scale, seed, width, height, "generate", fusion)
         if error is not None:

@@ -57,7 +57,7 @@ class FusionRequest(BaseModel):
     refine_eta: float | None = Field(None, ge=0.0, le=1.0, description="eta_f: noise of the fusion stage")
     eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM eta of the refinement step")
 
-    def values(self) -> dict[str, float]:
+    def params(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 

@@ -443,7 +443,7 @@ def test_toy_comparison_runs_every_stage_for_a_few_steps(tmp_path):
     assert summary["promptnet"]["steps"] == 2
 
 
-@pytest.mark.slow  # the whole comparison of docs/profusion.md (about an hour on 2 cores)
+@pytest.mark.slow  # the whole comparison of docs/profusion.md, all eight subjects (~90 min on 2 cores)
 def test_toy_comparison_full(artifacts_dir):
     from dreamfleet.eval.profusion_bench import run_profusion_bench
 

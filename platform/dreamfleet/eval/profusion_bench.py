@@ -41,8 +41,8 @@ class ProFusionBenchConfig:
     pretrain_steps: int = 3000
     pretrain_lr: float = 1e-4
     pretrain_batch: int = 8
-    customize_steps: int = 50
-    customize_lr: float = 1e-4
+    customize_steps: int = 200
+    customize_lr: float = 1e-3
     customize_batch: int = 4
     views: int = 15
     qkv_rank: int = 8

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dreamfleet.core.artifacts import read_json
+from dreamfleet.core.artifacts import read_record
 from dreamfleet.core.errors import ConfigError, DataError
 
 APPRENTICE_FILE = "apprentice.json"
@@ -168,15 +168,10 @@ class ApprenticeInfo:
 
     @classmethod
     def read(cls, folder: str | Path) -> ApprenticeInfo:
-        path = Path(folder) / APPRENTICE_FILE
-        if not path.is_file():
-            raise DataError(f"{folder}: not an apprentice folder (no {APPRENTICE_FILE}); train one with "
-                            "`dreamfleet apprentice train`")
-        data = read_json(path)
-        if int(data.get("schema_version", 0)) > APPRENTICE_SCHEMA_VERSION:
-            raise DataError(f"{path}: written by a newer dreamfleet; upgrade dreamfleet")
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return read_record(cls, Path(folder) / APPRENTICE_FILE, APPRENTICE_SCHEMA_VERSION,
+                           missing=f"{folder}: not an apprentice folder (no {APPRENTICE_FILE}); train one with "
+                                   "`dreamfleet apprentice train`",
+                           newer="{path}: written by a newer dreamfleet; upgrade dreamfleet")
 
 
 def fill_prompt(prompt: str, identifier: str, class_noun: str | None = None) -> str:

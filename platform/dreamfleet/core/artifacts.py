@@ -9,7 +9,11 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from dreamfleet.core.errors import DataError
+
+T = TypeVar("T")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -51,3 +55,19 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
+
+
+def read_record(cls: type[T], path: Path, schema: int, *, missing: str, newer: str) -> T:
+    """A dataclass record (apprentice.json, promptnet.json) from ``path``: ``missing`` when there
+    is none, ``newer`` (``{path}``, ``{version}`` filled in) when a newer schema wrote it; fields
+    this version does not know are dropped."""
+    import dataclasses
+
+    if not path.is_file():
+        raise DataError(missing)
+    data = read_json(path)
+    version = int(data.get("schema_version", 0))
+    if version > schema:
+        raise DataError(newer.format(path=path, version=version))
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamfleet.core.artifacts import read_json
+from dreamfleet.core.artifacts import read_record
 from dreamfleet.core.errors import ConfigError, DataError
 
 PROMPTNET_FILE = "promptnet.json"
@@ -274,16 +274,10 @@ class PromptNetInfo:
 
     @classmethod
     def read(cls, folder: str | Path) -> PromptNetInfo:
-        path = Path(folder) / PROMPTNET_FILE
-        if not path.is_file():
-            raise DataError(f"{folder}: not a PromptNet folder (no {PROMPTNET_FILE}); make one with "
-                            "`dreamfleet profusion pretrain`")
-        data = read_json(path)
-        if int(data.get("schema_version", 0)) > PROMPTNET_SCHEMA_VERSION:
-            raise DataError(f"{path}: written by a newer dreamfleet (PromptNet schema {data['schema_version']}); "
-                            "upgrade dreamfleet")
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return read_record(cls, Path(folder) / PROMPTNET_FILE, PROMPTNET_SCHEMA_VERSION,
+                           missing=f"{folder}: not a PromptNet folder (no {PROMPTNET_FILE}); make one with "
+                                   "`dreamfleet profusion pretrain`",
+                           newer="{path}: written by a newer dreamfleet (PromptNet schema {version}); upgrade dreamfleet")
 
 
 def load_promptnet(folder: str | Path, base) -> tuple[PromptNet, PromptNetInfo]:

@@ -26,17 +26,35 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One embedded local Ray instance for the whole test session (127.0.0.1, no dashboard)."""
+_LOCAL_RAY = {"wanted": False}
+
+
+def init_local_ray() -> None:
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1",
                  namespace="dreamfleet", runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray instance for the whole test session (127.0.0.1, no dashboard).
+    A module that needs another cluster (test_multinode.py) shuts it down and calls
+    ``restore_local_ray()`` when it is done."""
+    import ray
+
+    init_local_ray()
+    _LOCAL_RAY["wanted"] = True
     yield ray
+    _LOCAL_RAY["wanted"] = False
     ray.shutdown()
+
+
+def restore_local_ray() -> None:
+    if _LOCAL_RAY["wanted"]:
+        init_local_ray()
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +87,23 @@ def pytest_report_header(config):
     """Say at the top of every run whether the DreamBench tests will run, and if not, why."""
     missing = _dreambench_missing()
     return f"dreambench: {DREAMBENCH}" if missing is None else f"dreambench: SKIPPED, {missing}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3 API (moto's standalone server, its own process) for the session."""
+    from s3 import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server, with this test's environment pointing every client (pyarrow, boto3, Ray
+    workers started from here) at it."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DREAMFLEET_S3_ATTEMPTS", "4")
+    return s3_server

@@ -99,6 +99,7 @@ def test_zero3_expert_loads_into_plain_diffusers(manifest, tmp_path, class_cache
     assert np.abs(tuned - plain).max() > 1e-4
 
 
+@pytest.mark.slow  # ~115 s; test_multinode.py's lost-node test (in `make test`) resumes a subject from its checkpoint
 def test_killed_worker_resumes_from_checkpoint(manifest, tmp_path):
     reg_uri = str(tmp_path / "reg")
     reg = Registry(reg_uri)

@@ -183,7 +183,7 @@ def test_any_pyarrow_filesystem(tmp_path):
     m = Manifest.open("/bucket/m", filesystem=PyFileSystem(FSSpecHandler(mem)))
     assert m.subject_ids() == ["a", "b"] and len(m.read_images("b")) == 3 and m.validate() == []
     mem.rm("/bucket/m", recursive=True)
-    with pytest.raises(DataError, match="cannot open this location"):
+    with pytest.raises(DataError, match=r"manifest .nope:..bucket.m.: cannot open its filesystem"):
         Manifest.open("nope://bucket/m")
 
 

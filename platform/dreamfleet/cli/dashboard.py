@@ -31,14 +31,14 @@ def run_dashboard(args: argparse.Namespace) -> int:
     from dreamfleet.dashboard.config import DashboardConfig
     from dreamfleet.dashboard.server import serve_forever
     from dreamfleet.registry import Registry
-    from dreamfleet.serving.auth import KeyStore, default_keys_path
+    from dreamfleet.serving.auth import keys_for
 
     cfg = C.from_dict(DashboardConfig, C.overrides_from_args(DashboardConfig, args))
     if not cfg.registry:
         raise ConfigError("pass --registry: the registry to watch")
     cfg.registry = Registry(cfg.registry, create=False).uri
     try:
-        keys_on = KeyStore(cfg.keys or default_keys_path(cfg.registry)).enabled
+        keys_on = keys_for(cfg.keys, cfg.registry).enabled
     except ConfigError:
         keys_on = False
     if not keys_on and not is_loopback(cfg.host) and not cfg.insecure:

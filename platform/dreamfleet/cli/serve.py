@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import socket
+from typing import Any
 
 from dreamfleet.core import config as C
 
@@ -86,15 +87,48 @@ def is_loopback(host: str) -> bool:
 
 def check_binding(cfg) -> None:
     from dreamfleet.core.errors import ConfigError
-    from dreamfleet.serving.auth import KeyStore, default_keys_path
+    from dreamfleet.serving.auth import keys_for
 
-    keys = KeyStore(cfg.keys or default_keys_path(cfg.registry))
+    keys = keys_for(cfg.keys, cfg.registry)
     if not keys.enabled and not is_loopback(cfg.host) and not cfg.insecure:
         raise ConfigError(
             f"refusing to serve on {cfg.host} without API keys: anyone who reaches it could generate with "
             "every subject. Create keys (`dreamfleet keys create --registry ... --tenant ...`), bind "
             "127.0.0.1, or pass --insecure"
         )
+
+
+def serve_config(args: dict[str, Any]):
+    """A checked ServeConfig from a RayService application's ``args`` (the `serve` flags' names)."""
+    from dreamfleet.core.errors import ConfigError
+    from dreamfleet.registry import Registry
+    from dreamfleet.serving.config import ServeConfig
+
+    cfg = C.from_dict(ServeConfig, dict(args or {}), where="serve application args")
+    if not cfg.registry:
+        raise ConfigError("serve application args: 'registry' is required (the registry whose experts to serve)")
+    cfg.registry = Registry(cfg.registry, create=False).uri
+    check_binding(cfg)
+    return cfg
+
+
+def application(args: dict[str, Any]):
+    """The generation API as a Ray Serve application builder, for a RayService's
+    ``serveConfigV2`` (``import_path: dreamfleet.cli.serve:application``) or ``serve run``."""
+    from dreamfleet.control.profusion_jobs import jobs_deployment
+    from dreamfleet.serving.app import build_app
+
+    cfg = serve_config(args)
+    return build_app(cfg, jobs=jobs_deployment(cfg))
+
+
+def dashboard_application(args: dict[str, Any]):
+    """The dashboard beside it (``import_path: dreamfleet.cli.serve:dashboard_application``)."""
+    from dreamfleet.dashboard.server import dashboard_for_serve
+
+    args = dict(args or {})
+    address = args.pop("address", None)
+    return dashboard_for_serve(serve_config(args), address=address)
 
 
 def start(cfg, *, address: str | None = None, detach: bool = True):

@@ -87,12 +87,15 @@ def worker_group(fn: Callable[[dict[str, Any]], None], config: dict[str, Any], *
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from dreamfleet.core.storage import ray_storage
+
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    storage_path, storage_fs = ray_storage(absolute(storage))
     return TorchTrainer(
         fn,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=absolute(storage),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

@@ -170,6 +170,7 @@ def run_fanout(
 
 def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, run_id, class_cache, progress):
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from dreamfleet.control.progress import StateTracker
     from dreamfleet.control.queue import SubjectQueue
@@ -177,7 +178,11 @@ def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, 
 
     todo = list(configs)
     queue_name = f"dreamfleet-queue-{run_id}"
-    queue = ray.remote(num_cpus=0)(SubjectQueue).options(name=queue_name, namespace=NAMESPACE).remote(
+    # the queue lives beside the driver (the head, for a Ray Job): a worker node lost mid-run
+    # must not take the run's leases with it
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    queue = ray.remote(num_cpus=0)(SubjectQueue).options(name=queue_name, namespace=NAMESPACE,
+                                                         scheduling_strategy=here).remote(
         registry.uri, todo, fan.max_retries
     )
     n_groups = min(fan.max_concurrent, len(todo))

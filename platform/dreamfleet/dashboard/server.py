@@ -50,10 +50,10 @@ class Context:
     def keys(self):
         """The API keys, or None where there is no keys file to read (a remote registry without --keys)."""
         if "keys" not in self._objs:
-            from dreamfleet.serving.auth import KeyStore, default_keys_path
+            from dreamfleet.serving.auth import keys_for
 
             try:
-                self._objs["keys"] = KeyStore(self.cfg.keys or default_keys_path(self.cfg.registry))
+                self._objs["keys"] = keys_for(self.cfg.keys, self.cfg.registry)
             except DreamfleetError:
                 self._objs["keys"] = None
         return self._objs["keys"]

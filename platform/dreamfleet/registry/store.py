@@ -12,8 +12,16 @@ Layout (all paths relative to the registry root)::
 Readers never see a half-written expert: a version folder counts only once its
 ``expert.json`` exists, and ``latest`` is replaced in one write after the version is
 complete, only for a successful run. Version numbers are allocated under a lock file on
-local (and NFS) registries, so concurrent orchestrators never collide; on object stores
-(s3://, gs://) a collision is detected by re-reading and the next number is taken.
+local (and NFS) registries, so concurrent orchestrators never collide. On S3 there is no
+lock and no rename, so two conditional writes take their place:
+
+- a publisher claims ``versions/vNNNN/.claim`` with ``If-None-Match: *``; the one whose
+  write succeeds owns the number, the others take the next (no number is used twice);
+- ``latest`` moves forward only, with ``If-Match`` on the ETag it read: a publisher
+  that finds a newer complete version already named there leaves it (a slow publisher
+  never moves ``latest`` back), and one that loses the race reads again.
+
+Other object stores (gs://, ...) have neither; one writer per subject at a time there.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import pyarrow.fs as pafs
 from dreamfleet.core.errors import DataError, DreamfleetError
 from dreamfleet.core.expert import EXPERT_FILE, ExpertInfo
 from dreamfleet.core.ids import validate_subject_id
+from dreamfleet.core.storage import ConditionalObjects, check_location, is_s3, open_fs
 
 log = logging.getLogger("dreamfleet")
 
@@ -45,6 +54,7 @@ REGISTRY_FORMAT = "dreamfleet-registry"
 REGISTRY_VERSION = 1
 STATES = ("queued", "training", "done", "failed")
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+CLAIM = ".claim"  # the object that reserves a version number on S3
 
 
 def now() -> str:
@@ -84,27 +94,20 @@ class SubjectState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the root path inside it, for a local path or a URI."""
-    if "://" in uri:
-        try:
-            return pafs.FileSystem.from_uri(uri)
-        except (OSError, ValueError) as e:  # pyarrow.lib.ArrowInvalid is a ValueError
-            raise DreamfleetError(f"registry {uri!r}: cannot open its filesystem ({e})") from None
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-
-
 class Registry:
     def __init__(self, uri: str | os.PathLike, *, create: bool = True):
         self.uri = str(uri)
-        self.fs, self.root = open_fs(self.uri)
+        check_location(self.uri, what="registry")
+        self.fs, self.root = open_fs(self.uri, what="registry")
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.objects = ConditionalObjects(self.uri) if is_s3(self.uri) else None
         marker = self._p("registry.json")
         info = self.fs.get_file_info(marker)
         if info.type == pafs.FileType.NotFound:
             if not create:
                 raise DreamfleetError(f"{self.uri}: no registry here (no registry.json); check the path")
-            self.fs.create_dir(self.root, recursive=True)
+            if self.is_local:
+                self.fs.create_dir(self.root, recursive=True)
             self._write_json(marker, {"format": REGISTRY_FORMAT, "version": REGISTRY_VERSION, "created_at": now()})
         else:
             meta = self._read_json(marker)
@@ -143,8 +146,8 @@ class Registry:
         """Atomic on local filesystems (write + rename); a single PUT on object stores."""
         data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
         parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
         if self.is_local:
+            self.fs.create_dir(parent, recursive=True)
             tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -245,6 +248,8 @@ class Registry:
         expert_dir = Path(expert_dir)
         if not (expert_dir / EXPERT_FILE).is_file():
             raise DataError(f"{expert_dir}: not an expert folder (no {EXPERT_FILE}); nothing published")
+        if self.objects is not None:
+            return self._publish_s3(subject_id, expert_dir, set_latest)
         with self._lock(subject_id):
             version = self._next_version(subject_id)
             final = self.subject_path(subject_id, "versions", version)
@@ -259,13 +264,39 @@ class Registry:
                 self._write_text(self.subject_path(subject_id, "latest"), version)
         return version
 
+    def _publish_s3(self, subject_id: str, expert_dir: Path, set_latest: bool) -> str:
+        version = self._claim_version(subject_id)
+        self._upload_dir(expert_dir, self.subject_path(subject_id, "versions", version))
+        if set_latest:
+            self._advance_latest(subject_id, version)
+        return version
+
+    def _claim_version(self, subject_id: str) -> str:
+        """The first free number from the listing on, taken with a create-if-absent write."""
+        number = int(self._next_version(subject_id)[1:])
+        claim = json.dumps({"claimed_at": now(), "host": os.uname().nodename, "pid": os.getpid()}).encode()
+        while not self.objects.create(self.subject_path(subject_id, "versions", f"v{number:04d}", CLAIM), claim):
+            number += 1
+        return f"v{number:04d}"
+
+    def _advance_latest(self, subject_id: str, version: str) -> None:
+        path = self.subject_path(subject_id, "latest")
+        while True:
+            body, etag = self.objects.read(path)
+            current = (body or b"").decode().strip()
+            if VERSION_RE.match(current) and int(current[1:]) > int(version[1:]) and current in self.versions(subject_id):
+                return  # a newer complete version is already latest
+            if self.objects.replace(path, (version + "\n").encode(), etag):
+                return
+
     def _upload_dir(self, local: Path, dest: str) -> None:
         files = sorted(p for p in local.rglob("*") if p.is_file())
         # expert.json last: until it exists, the version is not complete for readers
         files.sort(key=lambda p: p.name == EXPERT_FILE)
         for path in files:
             target = f"{dest}/{path.relative_to(local).as_posix()}"
-            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            if self.objects is None:
+                self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             with open(path, "rb") as src, self.fs.open_output_stream(target) as out:
                 shutil.copyfileobj(src, out)
 
@@ -315,7 +346,7 @@ class Registry:
             raise DataError(f"{self.uri}: no folder {rel_path!r}")
         local = Path(local)
         for info in self.fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-            if info.type == pafs.FileType.File:
+            if info.type == pafs.FileType.File and info.base_name != CLAIM:
                 target = local / info.path[len(src) + 1:]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with self.fs.open_input_stream(info.path) as f, open(target, "wb") as out:

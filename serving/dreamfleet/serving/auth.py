@@ -54,13 +54,18 @@ def _hash(token: str) -> str:
 class KeyStore:
     """The keys file, re-read when it changes on disk (revocations apply without a restart)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None):
+        """``path=None``: no keys file (a remote registry served without ``--keys``): keys are
+        off, and ``dreamfleet serve`` then binds only a loopback address."""
+        self.path = Path(path) if path is not None else None
         self._mtime: float | None = None
         self._keys: dict[str, ApiKey] = {}
         self._lock = threading.Lock()
 
     def _load(self) -> None:
+        if self.path is None:
+            self._keys, self._mtime = {}, None
+            return
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
@@ -126,6 +131,16 @@ class KeyStore:
             self._keys[key_id].revoked = True
             self._save()
             return self._keys[key_id]
+
+
+def keys_for(keys: str | None, registry_uri: str) -> KeyStore:
+    """The keys a server checks: ``keys`` if given, else the local registry's own keys file;
+    a remote registry without ``keys`` has none."""
+    if keys:
+        return KeyStore(keys)
+    if "://" in registry_uri and not registry_uri.startswith("file://"):
+        return KeyStore(None)
+    return KeyStore(default_keys_path(registry_uri))
 
 
 def default_keys_path(registry_uri: str) -> Path:

@@ -32,7 +32,7 @@ def _failed(rid: str) -> JSONResponse:
 class Gateway:
     def __init__(self, model, apprentice, cfg_dict: dict[str, Any], jobs=None):
         from dreamfleet.registry import Registry
-        from dreamfleet.serving.auth import KeyStore, default_keys_path
+        from dreamfleet.serving.auth import keys_for
         from dreamfleet.serving.metrics import ServingMetrics
 
         self.cfg = from_dict(ServeConfig, cfg_dict)
@@ -45,7 +45,7 @@ class Gateway:
 
             self.apprentice_info = ApprenticeInfo.read(self.cfg.apprentice)
         self.registry = Registry(self.cfg.registry, create=False)
-        self.keys = KeyStore(self.cfg.keys or default_keys_path(self.cfg.registry))
+        self.keys = keys_for(self.cfg.keys, self.cfg.registry)
         self.metrics = ServingMetrics()
         self._latest: dict[str, tuple[float, str | None]] = {}
         self._infos: dict[tuple[str, str], Any] = {}

@@ -44,6 +44,13 @@ from dreamfleet.trainers.parallelize import DistContext, gather_pids
 log = logging.getLogger("dreamfleet")
 
 
+def ray_node() -> str | None:
+    """The Ray node id this process runs on (hosts can share a name; node ids do not)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def checkpoint_key(subject_id: str, cfg: TrainConfig, input_hash: str, base_hash: str, zero_stage: int, world: int) -> str:
     """Checkpoints resume only into the same subject data, config, base model and topology."""
     return sha256_json({"s": subject_id, "c": to_dict(cfg), "i": input_hash, "b": base_hash, "z": zero_stage, "w": world})[:16]
@@ -149,7 +156,7 @@ def _run_pack(gc: GroupConfig, queue, registry, ready: list[tuple[int, Any]], t0
     for attempt, p in ready:
         registry.update_state(p.subject.subject_id, state="training", run_id=gc.run_id, total_steps=p.cfg.steps,
                               attempts=attempt, error=None, class_noun=p.subject.class_noun, tenant=p.subject.tenant,
-                              worker={"group": gc.group, "node": socket.gethostname(), "pids": [os.getpid()],
+                              worker={"group": gc.group, "node": socket.gethostname(), "ray_node": ray_node(), "pids": [os.getpid()],
                                       "packed_with": ids})
     trackers = [gc.tracker(registry, sid, DistContext(), gc.state_every_s, 0) for sid in ids]
 
@@ -235,7 +242,7 @@ def _announce(gc: GroupConfig, dist: DistContext, registry, p, attempt: int, key
             p.subject.subject_id, state="training", run_id=gc.run_id, total_steps=p.cfg.steps, attempts=attempt,
             error=None, class_noun=p.subject.class_noun, tenant=p.subject.tenant,
             started_at=state.started_at if state and state.started_at else None,
-            worker={"group": gc.group, "node": socket.gethostname(), "pids": pids,
+            worker={"group": gc.group, "node": socket.gethostname(), "ray_node": ray_node(), "pids": pids,
                     "checkpoint_key": key, "steps_executed": steps_executed, "resumed_from": resumed},
         )
     return steps_executed

@@ -1,0 +1,80 @@
+"""A real S3 API for the tests: moto's standalone server (``moto_server``) in its own process.
+
+``S3Server.start()`` launches it on a free 127.0.0.1 port; ``env()`` is what a client (this
+process, Ray nodes, subprocesses) needs in its environment; ``requests()`` returns what the
+server recorded (moto's request recorder), to count S3 requests per operation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from helpers import free_port
+
+
+class S3Server:
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def start(self) -> S3Server:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(self.workdir / "recording.jsonl")}
+        exe = Path(sys.executable).with_name("moto_server")
+        with open(self.workdir / "moto.log", "ab") as log:
+            self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], env=env,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"moto_server exited ({self.workdir / 'moto.log'})") from None
+                time.sleep(0.2)
+        raise RuntimeError("moto_server did not start in 60 s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def bucket(self, prefix: str = "df") -> str:
+        """A fresh bucket's name."""
+        import boto3
+
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=name)
+        return name
+
+    def _api(self, path: str, method: str = "POST") -> bytes:
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{path}", method=method)
+        return urllib.request.urlopen(req, timeout=10).read()
+
+    def record(self) -> None:
+        """Start recording requests afresh."""
+        self._api("reset-recording")
+        self._api("start-recording")
+
+    def requests(self) -> list[dict]:
+        """The requests recorded since ``record()``: method, path, headers."""
+        self._api("stop-recording")
+        lines = self._api("download-recording", method="GET").decode().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]

@@ -16,7 +16,6 @@ from helpers import fast_config, manifest_with_a_broken_subject
 from dreamfleet.control.orchestrator import FanoutConfig, run_fanout
 from dreamfleet.registry import Registry
 
-
 FLEET: dict[str, str] = {}  # what the fan-out test trained, for the serving test after it
 
 

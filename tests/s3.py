@@ -78,3 +78,69 @@ class S3Server:
         self._api("stop-recording")
         lines = self._api("download-recording", method="GET").decode().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
+
+
+class Outage:
+    """A TCP proxy in front of the S3 server whose ``down()`` closes its port and every open
+    connection, as a restarting server does, and ``up()`` listens again on the same port.
+    The store's data survives (as it does for MinIO or S3 itself; moto keeps it in memory)."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._socket, self._threading = socket, threading
+        self._conns: list = []
+        self._listener = None
+        self.up()
+
+    def env(self, server: S3Server) -> dict[str, str]:
+        return {**server.env(), "AWS_ENDPOINT_URL": self.endpoint}
+
+    def up(self) -> None:
+        s = self._socket.socket()
+        s.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self._listener = s
+        self._threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        for c in self._conns:
+            try:
+                c.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self._conns.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by down()
+            upstream = self._socket.create_connection(("127.0.0.1", self.target_port))
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass

@@ -20,19 +20,27 @@ FLEET: dict[str, str] = {}  # what the fan-out test trained, for the serving tes
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_server):
+def cluster(s3_server, tmp_path_factory):
     """Head (no CPUs: it schedules, it does not train) + node_a + node_b, one CPU each, with
-    the S3 environment every raylet passes on to its workers."""
+    the S3 environment every raylet passes on to its workers, and a local cache of its own per
+    node (``DREAMFLEET_CACHE``), as nodes that share no disk have."""
     import ray
     from ray.cluster_utils import Cluster
 
     saved = dict(os.environ)
-    os.environ.update({**s3_server.env(), "DREAMFLEET_S3_ATTEMPTS": "6", "RAY_TRAIN_V2_ENABLED": "1"})
+    caches = tmp_path_factory.mktemp("node-caches")
+    os.environ.update({**s3_server.env(), "DREAMFLEET_S3_ATTEMPTS": "6", "RAY_TRAIN_V2_ENABLED": "1",
+                       "DREAMFLEET_CACHE": str(caches / "head")})
     ray.shutdown()  # the session's single-node Ray, if a test before started it
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"head": 1},
                                                       "include_dashboard": False})
-    nodes = {name: c.add_node(num_cpus=1, resources={name: 1}) for name in ("node_a", "node_b")}
+    nodes = {}
+    for name in ("node_a", "node_b"):
+        os.environ["DREAMFLEET_CACHE"] = str(caches / name)  # inherited by the node's raylet and workers
+        nodes[name] = c.add_node(num_cpus=1, resources={name: 1})
+    os.environ["DREAMFLEET_CACHE"] = str(caches / "head")
     c.wait_for_nodes()
+    c.caches = caches
     ray.init(address=c.address, namespace="dreamfleet", log_to_driver=False,
              runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
     c.nodes = nodes
@@ -65,14 +73,18 @@ def _wait_for_checkpoint_on(reg: Registry, node_id: str, subjects: list[str], st
     return None
 
 
-def test_fanout_over_two_nodes_on_s3_survives_losing_a_node(cluster, s3_server, s3_manifest):
+@pytest.mark.parametrize("prior", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["", "class-images"])
+def test_fanout_over_two_nodes_on_s3_survives_losing_a_node(cluster, s3_server, s3_manifest, prior):
     """Worker groups train on both nodes, reading the manifest and writing the registry and Ray
     Train's checkpoints on S3. node_b is removed while it trains a subject past a checkpoint: that
     subject is leased again and resumes on node_a from its last checkpoint on S3 (steps not
-    doubled); everything finished is kept; the broken subject fails alone."""
+    doubled); everything finished is kept; the broken subject fails alone. With prior preservation
+    (the slow variant: Ray Data adds ~70 s here; the cache's S3 mirror is also tested in
+    test_s3.py) the class images are generated once, by a Ray Data actor on one node, put on S3
+    beside the registry, and every worker on either node pulls them instead of generating its own."""
     reg_uri = f"s3://{s3_server.bucket('reg')}/fleet"
     steps, good = 120, ["cat1", "dog1", "dog2"]
-    train = fast_config(steps=steps, checkpoint_every=20, with_prior_preservation=False)
+    train = fast_config(steps=steps, checkpoint_every=20, with_prior_preservation=prior)
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(s=run_fanout(
         s3_manifest, reg_uri, "tiny-random", train, FanoutConfig(max_concurrent=2, max_retries=2),
@@ -85,7 +97,9 @@ def test_fanout_over_two_nodes_on_s3_survives_losing_a_node(cluster, s3_server, 
     finished_before = {sid: reg.latest(sid) for sid in good if reg.latest(sid)}
     cluster.remove_node(cluster.nodes["node_b"], allow_graceful=False)
     t.join(600)
+    os.environ["DREAMFLEET_CACHE"] = str(cluster.caches / "node_b2")
     cluster.nodes["node_b"] = cluster.add_node(num_cpus=1, resources={"node_b": 1})  # for the tests after
+    os.environ["DREAMFLEET_CACHE"] = str(cluster.caches / "head")
     cluster.node_ids["node_b"] = cluster.nodes["node_b"].node_id
     summary = result["s"]
     assert sorted(summary.done) == good and list(summary.failed) == ["broken"], summary
@@ -99,6 +113,11 @@ def test_fanout_over_two_nodes_on_s3_survives_losing_a_node(cluster, s3_server, 
         assert reg.versions(sid) == [version]
     for sid in good:
         assert reg.latest(sid) == "v0001" and reg.expert_info(sid).subject_id == sid
+    if prior:
+        assert summary.class_images_generated == 8  # 4 dog + 4 cat, once for the fleet
+        assert all(reg.expert_info(sid).class_images["generated"] == 0 for sid in good)  # pulled, not regenerated
+        mirrored = reg.fs.get_file_info(pafs.FileSelector(reg._p("class-images"), recursive=True))
+        assert sum(i.base_name.endswith(".png") for i in mirrored) == 8
     fs, root = reg.fs, reg._p("checkpoints")  # Ray Train persisted its checkpoints on S3
     assert fs.get_file_info(root).type == pafs.FileType.Directory
 

@@ -151,3 +151,63 @@ def test_cli_train_with_a_bad_s3_registry_exits_cleanly(s3, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "s3://no-such-bucket-here/reg" in err and "does not exist" in err, err
     assert "Traceback" not in err
+
+
+def test_registry_writes_wait_out_an_s3_outage(s3, tmp_path, monkeypatch):
+    """The endpoint goes away for 8 s (every connection cut, the port closed, as a restarting
+    server does) in the middle of state writes and a publish: they retry with backoff and
+    complete once it is back; nothing is lost or half-written."""
+    import threading
+
+    from s3 import Outage
+
+    outage = Outage(s3.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", outage.endpoint)
+    monkeypatch.setenv("DREAMFLEET_S3_ATTEMPTS", "12")
+    reg = Registry(f"s3://{s3.bucket()}/reg")
+    expert = fake_expert(tmp_path, "dog", "a")
+    done: dict = {}
+
+    def work():
+        for step in range(20):
+            reg.update_state("dog", state="training", step=step)
+            time.sleep(0.2)
+        done["version"] = reg.publish("dog", expert)
+        reg.update_state("dog", state="done", version=done["version"])
+
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(1.0)
+    outage.down()
+    time.sleep(8.0)
+    outage.up()
+    t.join(180)
+    assert not t.is_alive() and done["version"] == "v0001"
+    st = reg.get_state("dog")
+    assert (st.state, st.step, st.version) == ("done", 19, "v0001")
+    assert reg.expert_info("dog").input_hash == "a" and reg.latest("dog") == "v0001"
+    outage.down()
+
+
+def test_class_images_generated_on_one_node_are_pulled_by_another(s3, tmp_path, monkeypatch):
+    """Two nodes' caches (different local disks) over one S3 prefix: the first generates and
+    pushes, the second pulls the same bytes and generates nothing; asking for more later
+    generates only the missing ones."""
+    from helpers import fast_config
+
+    from dreamfleet.core.models import load_base
+    from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
+
+    base = load_base("tiny-random")
+    req = ClassImageRequest.for_config(fast_config(num_class_images=3), "a dog")
+    mirror = f"s3://{s3.bucket()}/reg/class-images"
+    monkeypatch.setenv("DREAMFLEET_CACHE", str(tmp_path / "node_a"))
+    first = ClassImageCache(mirror).ensure(base, req)
+    monkeypatch.setenv("DREAMFLEET_CACHE", str(tmp_path / "node_b"))
+    second = ClassImageCache(mirror).ensure(base, req)
+    assert (first.generated, second.generated) == (3, 0)
+    assert first.folder != second.folder and second.folder.is_relative_to(tmp_path / "node_b")
+    assert [p.read_bytes() for p in first.paths] == [p.read_bytes() for p in second.paths]
+    more = ClassImageRequest.for_config(fast_config(num_class_images=5), "a dog")
+    assert ClassImageCache(mirror).ensure(base, more).generated == 2
+    assert ClassImageCache(mirror).available(base, more) == set(range(5))

@@ -37,7 +37,8 @@ class FanoutConfig(WorkerConfig):
     max_concurrent: int = cfg(1, "worker groups training subjects at the same time")
     max_retries: int = cfg(2, "retries of a failed subject before it is marked failed")
     retrain: bool = cfg(False, "train subjects that already have a published expert again (a new version)")
-    class_cache: str | None = cfg(None, "class-image cache folder (default: <registry>/class-images on a local registry)")
+    class_cache: str | None = cfg(None, "class-image cache folder or s3:// URI (default: <registry>/class-images; on a "
+                                        "remote registry every node mirrors it into its local cache)")
     class_image_actors: int = cfg(1, "Ray Data actors generating missing class images in parallel (each loads the base model)")
     pack: int = cfg(1, "LoRA subjects a worker trains together in one packed run (shared base-model passes; "
                        "1 worker per subject, no DeepSpeed)")
@@ -138,7 +139,10 @@ def run_fanout(
         raise ConfigError(f"--pack {fan.pack} packs LoRA adapters; this run trains method={train_cfg.method!r} "
                           "(pass --method lora, or --pack 1)")
     run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    class_cache = fan.class_cache or (str(Path(registry.root) / "class-images") if registry.is_local else None)
+    # one class-image cache for the run: the local registry's folder, or on a remote registry
+    # its class-images/ prefix, which every node mirrors (nodes share no disk there)
+    class_cache = fan.class_cache or (str(Path(registry.root) / "class-images") if registry.is_local
+                                      else f"{registry.uri.rstrip('/')}/class-images")
     registry.write_run(run_id, {
         "manifest": manifest_uri, "base_model": base_model, "subjects": chosen, "skipped": skipped,
         "base_family": load_base(base_model, fresh=False).family if todo else None,
@@ -263,18 +267,13 @@ class _ClassImageGenerator:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import json
 
-        from dreamfleet.trainers.class_images import ClassImageCache, ClassImageRequest
+        from dreamfleet.trainers.class_images import ClassImageRequest
 
         out = []
         for req_json, indices_json in zip(batch["request"], batch["indices"], strict=True):
             req = ClassImageRequest(**json.loads(req_json))
             indices = json.loads(indices_json)
-            folder = self.cache.folder_for(self.base, req)
-            folder.mkdir(parents=True, exist_ok=True)
-            todo = [i for i in indices if not (folder / f"{i:05d}.png").is_file()]
-            if todo:
-                ClassImageCache._generate(self.base, req, todo, folder, None)
-            out.append(len(todo))
+            out.append(self.cache.fill(self.base, req, indices))
         return {"generated": out}
 
 
@@ -300,8 +299,8 @@ def pregenerate_class_images(manifest, configs: dict[str, TrainConfig], base_mod
             requests[key] = req
     rows = []
     for req in requests.values():
-        folder = cache.folder_for(base, req)
-        missing = [i for i in range(req.count) if not (folder / f"{i:05d}.png").is_file()]
+        have = cache.available(base, req)
+        missing = [i for i in range(req.count) if i not in have]
         for start in range(0, len(missing), 8):
             rows.append({"request": json.dumps(dataclasses.asdict(req)), "indices": json.dumps(missing[start:start + 8])})
     if not rows:

@@ -6,6 +6,10 @@ on the subject, so they are cached under a key of those and shared by every subj
 class: the second dog reuses the first dog's images. Image ``i`` is generated from its own
 seed, so asking for more images later only generates the missing ones, and the first
 ``count`` images are the same whatever was asked before.
+
+On a cluster whose nodes share no disk, the cache's root is an object-store URI (a remote
+registry's ``class-images/``): each node keeps a local copy under ``DREAMFLEET_CACHE`` and
+pulls what another node generated before generating anything, and pushes what it generated.
 """
 
 from __future__ import annotations
@@ -72,7 +76,63 @@ def _slug(text: str) -> str:
 
 class ClassImageCache:
     def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root is not None else default_cache_root()
+        """``root``: a folder, or an object-store URI (``s3://...``) mirrored into the local cache."""
+        text = str(root) if root is not None else ""
+        self.mirror = text.rstrip("/") if "://" in text and not text.startswith("file://") else None
+        self.root = Path(text.removeprefix("file://")) if text and not self.mirror else default_cache_root()
+
+    def available(self, base: BaseModel, req: ClassImageRequest) -> set[int]:
+        """Indices of the images cached here or on the mirror."""
+        folder = self.folder_for(base, req)
+        have = {int(p.stem) for p in folder.glob("[0-9]*.png")} if folder.is_dir() else set()
+        return have | {int(name[:-4]) for name in self._mirrored(folder)}
+
+    def _mirrored(self, folder: Path) -> list[str]:
+        if self.mirror is None:
+            return []
+        import pyarrow.fs as pafs
+
+        from dreamfleet.core.storage import open_fs
+
+        fs, path = open_fs(f"{self.mirror}/{folder.name}")
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return [i.base_name for i in infos if re.fullmatch(r"\d{5}\.png", i.base_name)]
+
+    def _pull(self, folder: Path) -> None:
+        """Copy in what the mirror has and this node does not."""
+        from dreamfleet.core.storage import open_fs
+
+        for name in self._mirrored(folder):
+            if not (folder / name).is_file():
+                fs, path = open_fs(f"{self.mirror}/{folder.name}/{name}")
+                with fs.open_input_stream(path) as f:
+                    data = f.read()
+                tmp = folder / f".{name}.{os.getpid()}.tmp"
+                tmp.write_bytes(data)
+                os.replace(tmp, folder / name)
+
+    def _push(self, folder: Path, indices: list[int]) -> None:
+        if self.mirror is None:
+            return
+        from dreamfleet.core.storage import open_fs
+
+        for i in indices:
+            fs, path = open_fs(f"{self.mirror}/{folder.name}/{i:05d}.png")
+            with fs.open_output_stream(path) as out:
+                out.write((folder / f"{i:05d}.png").read_bytes())
+
+    def fill(self, base: BaseModel, req: ClassImageRequest, indices: list[int], *,
+             device: torch.device | None = None) -> int:
+        """Make images ``indices`` present (pulled, or generated and pushed); how many were generated."""
+        folder = self.folder_for(base, req)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._pull(folder)
+        missing = [i for i in indices if not (folder / f"{i:05d}.png").is_file()]
+        if missing:
+            log.info("generating %d class images for %r (cache %s)", len(missing), req.class_prompt, folder)
+            self._generate(base, req, missing, folder, device)
+            self._push(folder, missing)
+        return len(missing)
 
     def folder_for(self, base: BaseModel, req: ClassImageRequest) -> Path:
         return self.root / f"{_slug(req.class_prompt)}-{req.key(base)[:16]}"
@@ -86,10 +146,7 @@ class ClassImageCache:
         folder = self.folder_for(base, req)
         folder.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
-            missing = [i for i in range(req.count) if not (folder / f"{i:05d}.png").is_file()]
-            if missing:
-                log.info("generating %d class images for %r (cache %s)", len(missing), req.class_prompt, folder)
-                self._generate(base, req, missing, folder, device)
+            generated = self.fill(base, req, list(range(req.count)), device=device)
             meta_path = folder / "meta.json"
             meta = read_json(meta_path) if meta_path.is_file() else {}
             meta.update({
@@ -101,14 +158,14 @@ class ClassImageCache:
                 "seed": req.seed,
                 "base_model": base.describe,
                 "count": max(int(meta.get("count", 0)), req.count),
-                "generated_total": int(meta.get("generated_total", 0)) + len(missing),
+                "generated_total": int(meta.get("generated_total", 0)) + generated,
                 "code_version": code_version(),
             })
             write_json(meta_path, meta)
         return ClassImages(
             folder=folder,
             paths=[folder / f"{i:05d}.png" for i in range(req.count)],
-            generated=len(missing),
+            generated=generated,
             key=req.key(base),
         )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -54,10 +55,8 @@ class PeakRss(threading.Thread):
             self.driver = max(self.driver, self.me.memory_info().rss)
             pid = self._queue_pid()
             if pid:
-                try:
+                with contextlib.suppress(self.psutil.Error):
                     self.queue = max(self.queue, self.psutil.Process(pid).memory_info().rss)
-                except self.psutil.Error:
-                    pass
 
 
 def s3_manifest(root: Path, n: int, bucket: str) -> str:

@@ -7,6 +7,7 @@ server recorded (moto's request recorder), to count S3 requests per operation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -113,10 +114,8 @@ class Outage:
         if listener is not None:
             listener.close()
         for c in self._conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.shutdown(self._socket.SHUT_RDWR)
-            except OSError:
-                pass
             c.close()
         self._conns.clear()
 
@@ -140,7 +139,5 @@ class Outage:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass

@@ -59,6 +59,22 @@ def prefilled_class_cache(root: Path, cfg, nouns=("dog", "cat")) -> str:
     return str(root)
 
 
+def wait_healthy(url: str, timeout_s: float = 120) -> None:
+    """Poll ``url``/healthz until it answers 200 (a Serve app that is still starting)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for servers started by a test)."""
     with socket.socket() as s:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import fast_config, free_port, picture
+from helpers import fast_config, free_port, picture, wait_healthy
 from PIL import Image
 
 from dreamfleet.core.apprentice import Apprentice, ApprenticeArch, ApprenticeInfo
@@ -224,14 +223,7 @@ def server(ray_local, apprentice_dir, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
     serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{cfg.port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    wait_healthy(url, 120)
     yield {"url": url, "token": token}
     serve.shutdown()
 

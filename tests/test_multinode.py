@@ -11,7 +11,7 @@ import time
 import pyarrow.fs as pafs
 import pytest
 from conftest import restore_local_ray
-from helpers import fast_config, manifest_with_a_broken_subject
+from helpers import fast_config, manifest_with_a_broken_subject, wait_healthy
 
 from dreamfleet.control.orchestrator import FanoutConfig, run_fanout
 from dreamfleet.registry import Registry
@@ -140,14 +140,7 @@ def test_serving_and_dashboard_read_the_s3_registry_with_replicas_on_both_nodes(
                       registry_ttl_s=0.5)
     url = start(cfg)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(url, 180)
         for sid in ("dog1", "cat1", "dog2"):
             r = httpx.post(f"{url}/v1/generate", json={"subject": sid, "prompt": "a [V] on the beach", "steps": 2,
                                                         "seed": 1, "width": 64, "height": 64}, timeout=180)

@@ -14,7 +14,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import fast_config, free_port, picture, pipeline_images, plain_pipeline, stock_pipeline
+from helpers import (
+    fast_config,
+    free_port,
+    picture,
+    pipeline_images,
+    plain_pipeline,
+    stock_pipeline,
+    wait_healthy,
+)
 from PIL import Image
 
 from dreamfleet.core.expert import ExpertInfo
@@ -85,14 +93,7 @@ def server(tmp_path_factory):
 
     serve.run(build_app(cfg, jobs=jobs_deployment(cfg)), name="dreamfleet", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{cfg.port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    wait_healthy(url, 120)
     yield {"url": url, "tokens": tokens, "reg": reg, "tmp": tmp, "experts": experts, "cfg": cfg}
     serve.shutdown()
 

@@ -29,6 +29,11 @@ def s3_attempts() -> int:
     return max(1, int(os.environ.get("DREAMFLEET_S3_ATTEMPTS", "12")))
 
 
+def is_remote(uri: str) -> bool:
+    """True for an object-store or other non-local URI (``file://`` is local)."""
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 

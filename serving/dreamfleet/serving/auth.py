@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dreamfleet.core.errors import ConfigError
+from dreamfleet.core.storage import is_remote
 
 KEYS_VERSION = 1
 
@@ -138,12 +139,12 @@ def keys_for(keys: str | None, registry_uri: str) -> KeyStore:
     a remote registry without ``keys`` has none."""
     if keys:
         return KeyStore(keys)
-    if "://" in registry_uri and not registry_uri.startswith("file://"):
+    if is_remote(registry_uri):
         return KeyStore(None)
     return KeyStore(default_keys_path(registry_uri))
 
 
 def default_keys_path(registry_uri: str) -> Path:
-    if "://" in registry_uri and not registry_uri.startswith("file://"):
+    if is_remote(registry_uri):
         raise ConfigError("the registry is remote: pass --keys FILE for the API keys file")
     return Path(registry_uri.removeprefix("file://")).expanduser().resolve() / "serving" / "keys.json"

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 from filelock import FileLock
 from PIL import Image
@@ -27,6 +28,7 @@ from PIL import Image
 from dreamfleet.core.artifacts import read_json, write_json
 from dreamfleet.core.hashing import sha256_json
 from dreamfleet.core.models import BaseModel
+from dreamfleet.core.storage import is_remote, open_fs
 from dreamfleet.core.version import code_version
 
 log = logging.getLogger("dreamfleet")
@@ -78,7 +80,7 @@ class ClassImageCache:
     def __init__(self, root: str | Path | None = None):
         """``root``: a folder, or an object-store URI (``s3://...``) mirrored into the local cache."""
         text = str(root) if root is not None else ""
-        self.mirror = text.rstrip("/") if "://" in text and not text.startswith("file://") else None
+        self.mirror = text.rstrip("/") if is_remote(text) else None
         self.root = Path(text.removeprefix("file://")) if text and not self.mirror else default_cache_root()
 
     def available(self, base: BaseModel, req: ClassImageRequest) -> set[int]:
@@ -87,38 +89,35 @@ class ClassImageCache:
         have = {int(p.stem) for p in folder.glob("[0-9]*.png")} if folder.is_dir() else set()
         return have | {int(name[:-4]) for name in self._mirrored(folder)}
 
+    def _mirror_folder(self, folder: Path) -> tuple[pafs.FileSystem, str]:
+        return open_fs(f"{self.mirror}/{folder.name}")
+
     def _mirrored(self, folder: Path) -> list[str]:
         if self.mirror is None:
             return []
-        import pyarrow.fs as pafs
-
-        from dreamfleet.core.storage import open_fs
-
-        fs, path = open_fs(f"{self.mirror}/{folder.name}")
+        fs, path = self._mirror_folder(folder)
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         return [i.base_name for i in infos if re.fullmatch(r"\d{5}\.png", i.base_name)]
 
     def _pull(self, folder: Path) -> None:
         """Copy in what the mirror has and this node does not."""
-        from dreamfleet.core.storage import open_fs
-
-        for name in self._mirrored(folder):
-            if not (folder / name).is_file():
-                fs, path = open_fs(f"{self.mirror}/{folder.name}/{name}")
-                with fs.open_input_stream(path) as f:
-                    data = f.read()
-                tmp = folder / f".{name}.{os.getpid()}.tmp"
-                tmp.write_bytes(data)
-                os.replace(tmp, folder / name)
+        missing = [name for name in self._mirrored(folder) if not (folder / name).is_file()]
+        if not missing:
+            return
+        fs, path = self._mirror_folder(folder)
+        for name in missing:
+            with fs.open_input_stream(f"{path}/{name}") as f:
+                data = f.read()
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, folder / name)
 
     def _push(self, folder: Path, indices: list[int]) -> None:
         if self.mirror is None:
             return
-        from dreamfleet.core.storage import open_fs
-
+        fs, path = self._mirror_folder(folder)
         for i in indices:
-            fs, path = open_fs(f"{self.mirror}/{folder.name}/{i:05d}.png")
-            with fs.open_output_stream(path) as out:
+            with fs.open_output_stream(f"{path}/{i:05d}.png") as out:
                 out.write((folder / f"{i:05d}.png").read_bytes())
 
     def fill(self, base: BaseModel, req: ClassImageRequest, indices: list[int], *,

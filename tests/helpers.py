@@ -108,9 +108,16 @@ ROUNDING_FLOOR = 4 * float(np.finfo(np.float32).eps)
 
 def weight_gap(a: dict, b: dict) -> dict[str, float]:
     """How far two state dicts of the same keys are apart: the median and the largest
-    per-tensor relative norm ``|b-a| / |a|``, and the largest elementwise difference."""
+    per-tensor relative norm ``|b-a| / |a|``, and the largest elementwise difference. A tensor
+    that is zero in both (a LoRA up-projection no gradient reaches, as SD3's last context
+    branch) agrees exactly: 0, not 0/0 (a NaN would make the sort, and so the maximum, arbitrary)."""
     assert a.keys() == b.keys() and a, (sorted(a)[:3], sorted(b)[:3])
-    rel = sorted(float((b[k] - a[k]).norm() / a[k].norm()) for k in a)
+
+    def rel_gap(x, y) -> float:
+        diff, norm = float((y - x).norm()), float(x.norm())
+        return diff / norm if norm else (0.0 if diff == 0 else float("inf"))
+
+    rel = sorted(rel_gap(a[k], b[k]) for k in a)
     return {
         "median_rel": rel[len(rel) // 2],
         "max_rel": rel[-1],

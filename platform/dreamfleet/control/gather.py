@@ -106,6 +106,13 @@ def real_images(registry, subject_id: str, version: str):
     return [Image.open(f).convert("RGB") for f in files], info, folder
 
 
+def _ray_node() -> str:
+    """The Ray node this renderer runs on (recorded with each render), or '' outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def _png(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -129,6 +136,7 @@ class ExpertRenderer:
         self.scorer = make_fidelity(self.c.scorer, dino_model=self.c.dino_model, clip_model=self.c.clip_model,
                                     device=self.device)
         self.bases: dict[str, tuple[Any, Any]] = {}
+        self.node = _ray_node()
 
     def _base(self, spec: str) -> tuple[Any, Any]:
         """(base model, its pipeline on the device), loaded once per base."""
@@ -177,7 +185,7 @@ class ExpertRenderer:
                 "seed": c.seed + j, "expert_score": float(s_exp[i]), "base_score": float(s_base[i]),
                 "gain": float(gain), "prompt_score": float(ps),
                 "kept": bool(gain >= c.threshold and not (ps == ps and ps < c.min_prompt_score)),
-                "target_png": _png(img), "error": "",
+                "target_png": _png(img), "error": "", "ray_node": self.node,
             })
         return rows
 
@@ -188,9 +196,10 @@ class ExpertRenderer:
                 rows += self.render_expert(str(sid), str(version))
             except Exception as e:  # one bad expert never stops the others
                 log.exception("gather: expert %s@%s failed", sid, version)
-                rows.append({"subject_id": str(sid), "version": str(version), "error": f"{type(e).__name__}: {e}"})
+                rows.append({"subject_id": str(sid), "version": str(version), "error": f"{type(e).__name__}: {e}",
+                             "ray_node": self.node})
         keys = ["subject_id", "version", "class_noun", "identifier", "template", "prompt", "seed", "expert_score",
-                "base_score", "gain", "prompt_score", "kept", "target_png", "error"]
+                "base_score", "gain", "prompt_score", "kept", "target_png", "error", "ray_node"]
         defaults = {"seed": -1, "expert_score": float("nan"), "base_score": float("nan"), "gain": float("nan"),
                     "prompt_score": float("nan"), "kept": False, "target_png": b""}
         return {k: [r.get(k, defaults.get(k, "")) for r in rows] for k in keys}
@@ -262,7 +271,7 @@ def gather(registry_uri: str, out: str | Path, c: GatherConfig | None = None, *,
     items = _experts(registry, registry_uri, c)
     log.info("gather: %d expert(s) x %d template(s) x %d image(s)", len(items), len(c.templates), c.images_per_prompt)
     connect_ray(address)
-    ds = ray.data.from_items(items).map_batches(
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ExpertRenderer, fn_constructor_args=(to_dict(c), registry_uri), batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=c.concurrency), num_cpus=c.cpus_per_actor,
         num_gpus=c.gpus_per_actor or None,

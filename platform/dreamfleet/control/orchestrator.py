@@ -22,6 +22,7 @@ from typing import Any
 from dreamfleet.control.cluster import NAMESPACE, WorkerConfig, absolute, connect_ray, worker_group
 from dreamfleet.core.config import cfg, to_dict
 from dreamfleet.core.errors import ConfigError, DataError
+from dreamfleet.core.storage import concurrently
 from dreamfleet.core.version import code_version
 from dreamfleet.registry.store import now
 from dreamfleet.trainers.config import TrainConfig
@@ -42,6 +43,8 @@ class FanoutConfig(WorkerConfig):
     class_image_actors: int = cfg(1, "Ray Data actors generating missing class images in parallel (each loads the base model)")
     pack: int = cfg(1, "LoRA subjects a worker trains together in one packed run (shared base-model passes; "
                        "1 worker per subject, no DeepSpeed)")
+    state_every_s: float = cfg(1.0, "seconds between a training subject's progress writes to the registry (each "
+                                    "is a registry request: raise it on large fleets, e.g. 10)")
 
     def __post_init__(self) -> None:
         self.check_workers()
@@ -52,6 +55,8 @@ class FanoutConfig(WorkerConfig):
         if self.pack > 1 and (self.workers_per_subject > 1 or self.zero_stage):
             raise ConfigError("--pack trains several subjects on one worker: use it with --workers-per-subject 1 "
                               "and no --zero-stage")
+        if self.state_every_s <= 0:
+            raise ConfigError(f"state_every_s must be positive, got {self.state_every_s}")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must not be negative, got {self.max_retries}")
 
@@ -103,12 +108,12 @@ def subject_configs(manifest, manifest_uri: str, subjects: list[str], train_cfg:
 
 def finished_subjects(registry, subjects: list[str]) -> list[str]:
     """The subjects with a published expert and no unfinished state: a rerun skips them."""
-    done = []
-    for sid in subjects:
+    def finished(sid: str) -> bool:
         st = registry.get_state(sid)
-        if registry.latest(sid) and (st is None or st.state == "done"):
-            done.append(sid)
-    return done
+        return st is None or st.state == "done"
+
+    return [sid for sid, ok in zip(subjects, concurrently(lambda s: finished(s) and registry.latest(s), subjects),
+                                   strict=True) if ok]
 
 
 def run_fanout(
@@ -150,29 +155,38 @@ def run_fanout(
         "started_at": now(), "state": "running", "ray_address": fan.address or os.environ.get("RAY_ADDRESS"),
         "job_id": os.environ.get("RAY_JOB_ID") or os.environ.get("DREAMFLEET_JOB_ID"),
     })
-    for sid in todo:
-        record = manifest.record(sid)
-        registry.update_state(sid, state="queued", run_id=run_id, error=None, attempts=0,
-                              class_noun=record.class_noun, tenant=record.tenant)
+    _mark_queued(registry, manifest, todo, run_id)
     if skipped:
         log.info("skipping %d finished subject(s): %s", len(skipped), ", ".join(skipped[:10]))
-    generated = 0
+    generated, done, failed = 0, [], {}
     if todo:
         connect_ray(fan.address)
         if train_cfg.with_prior_preservation:
             generated = pregenerate_class_images(manifest, configs, base_model, class_cache,
                                                  actors=fan.class_image_actors)
-        _run_groups(manifest_uri, registry, base_model, configs, fan, run_id, class_cache, progress)
-    states = {sid: registry.get_state(sid) for sid in todo}
-    done = [s for s, st in states.items() if st and st.state == "done"]
-    failed = {s: (st.error if st else "no state") or "unknown" for s, st in states.items() if s not in set(done)}
+        done, failed = _run_groups(manifest_uri, registry, base_model, configs, fan, run_id, class_cache, progress)
+    done = [s for s in todo if s in set(done)]
+    failed = {s: failed.get(s) or "unknown" for s in todo if s not in set(done)}
     summary = RunSummary(run_id, done, failed, skipped, time.perf_counter() - t0, generated)
     registry.update_run(run_id, state="finished", finished_at=now(), done=done, failed=failed,
                         wall_time_s=round(summary.wall_time_s, 2), class_images_generated=generated)
     return summary
 
 
-def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, run_id, class_cache, progress):
+def _mark_queued(registry, manifest, todo: list[str], run_id: str) -> None:
+    """Every subject of the run ``queued`` in the registry (in parallel: one object each)."""
+    records = {sid: manifest.record(sid) for sid in todo}
+
+    def queued(sid: str) -> None:
+        registry.update_state(sid, state="queued", run_id=run_id, error=None, attempts=0,
+                              class_noun=records[sid].class_noun, tenant=records[sid].tenant)
+
+    concurrently(queued, todo)
+
+
+def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, run_id, class_cache,
+                progress) -> tuple[list[str], dict[str, str]]:
+    """Train ``configs`` on worker groups; this run's done subjects, and its failed ones with errors."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -197,6 +211,7 @@ def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, 
             run_id=run_id, group=group, queue_name=queue_name, namespace=NAMESPACE, manifest=manifest_uri,
             registry=registry.uri, base_model=base_model, configs=configs, tracker=StateTracker,
             zero_stage=fan.zero_stage, offload=fan.offload, class_cache=class_cache, pack=fan.pack,
+            state_every_s=fan.state_every_s,
         )
         trainer = worker_group(
             fanout_worker, gc.as_loop_config(), name=f"{run_id}-g{group}-{uuid.uuid4().hex[:4]}",
@@ -220,9 +235,12 @@ def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, 
                 time.sleep(1.0)
             if ray.get(queue.remaining.remote()) == 0:
                 break
-        for sid in ray.get(queue.progress.remote())["pending"]:
-            registry.update_state(sid, state="failed", error="no worker group could train it (see the run's logs)")
+        never = "no worker group could train it (see the run's logs)"
+        for sid in ray.get(queue.pending_subjects.remote()):
+            registry.update_state(sid, state="failed", error=never)
         bar.update(ray.get(queue.progress.remote()))
+        done, failed = ray.get(queue.outcome.remote())
+        return done, {**dict.fromkeys(configs, never), **failed}
     finally:
         bar.close()
         ray.kill(queue)
@@ -240,10 +258,8 @@ class _ProgressBar:
     def update(self, progress: dict[str, Any]) -> None:
         if self.bar is None:
             return
-        finished = len(progress["done"]) + len(progress["failed"])
-        self.bar.n = finished
-        self.bar.set_postfix(done=len(progress["done"]), failed=len(progress["failed"]),
-                             training=len(progress["training"]))
+        self.bar.n = progress["done"] + progress["failed"]
+        self.bar.set_postfix(done=progress["done"], failed=progress["failed"], training=progress["training"])
         self.bar.refresh()
 
     def close(self) -> None:

@@ -76,15 +76,21 @@ class SubjectQueue:
         return "failed"
 
     def progress(self) -> dict[str, Any]:
+        """Counts only: the driver polls this every second, and lists of 100,000 ids would be
+        megabytes per call."""
         return {
-            "total": self.total,
-            "done": list(self.done),
-            "failed": dict(self.failed),
-            "pending": list(self.pending),
-            "training": {sid: group for group, sids in self.leases.items() for sid in sids},
-            "attempts": dict(self.attempts),
-            "elapsed_s": time.time() - self.started,
+            "total": self.total, "done": len(self.done), "failed": len(self.failed), "pending": len(self.pending),
+            "training": sum(len(sids) for sids in self.leases.values()), "elapsed_s": time.time() - self.started,
         }
+
+    def pending_subjects(self) -> list[str]:
+        return list(self.pending)
+
+    def outcome(self) -> tuple[list[str], dict[str, str]]:
+        """What this run did: its done subjects and its failed ones with their errors. A run's
+        summary comes from here, not from the registry's subject states, which another run
+        training the same subject may be writing."""
+        return list(self.done), dict(self.failed)
 
     def remaining(self) -> int:
         return len(self.pending) + sum(len(sids) for sids in self.leases.values())

@@ -46,7 +46,7 @@ import pyarrow.fs as pafs
 from dreamfleet.core.errors import DataError, DreamfleetError
 from dreamfleet.core.expert import EXPERT_FILE, ExpertInfo
 from dreamfleet.core.ids import validate_subject_id
-from dreamfleet.core.storage import ConditionalObjects, check_location, is_s3, open_fs
+from dreamfleet.core.storage import ConditionalObjects, check_location, concurrently, is_s3, open_fs
 
 log = logging.getLogger("dreamfleet")
 
@@ -139,8 +139,28 @@ class Registry:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def _read_json(self, path: str) -> Any:
+        data = self._get(path)
+        if data is None:
+            raise FileNotFoundError(path)
+        return json.loads(data.decode())
+
+    def _get(self, path: str) -> bytes | None:
+        """A small object's bytes, or None when it is absent: one GET on S3 (no HEAD first)."""
+        if self.objects is not None:
+            return self.objects.read(path)[0]
+        if not self._exists(path):
+            return None
         with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+            return f.read()
+
+    def _put(self, path: str, data: bytes) -> None:
+        """A small object in one request on S3 (pyarrow's stream would take three: a multipart
+        upload's create, part and complete)."""
+        if self.objects is not None:
+            self.objects.put(path, data)
+            return
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
 
     def _write_json(self, path: str, obj: Any) -> None:
         """Atomic on local filesystems (write + rename); a single PUT on object stores."""
@@ -153,8 +173,7 @@ class Registry:
                 f.write(data)
             os.replace(tmp, path)
         else:
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
+            self._put(path, data)
 
     @contextlib.contextmanager
     def _lock(self, subject_id: str) -> Iterator[None]:
@@ -171,11 +190,11 @@ class Registry:
     # ------------------------------------------------------------------ subject states
 
     def get_state(self, subject_id: str) -> SubjectState | None:
-        path = self.subject_path(subject_id, "state.json")
-        if not self._exists(path):
+        data = self._get(self.subject_path(subject_id, "state.json"))
+        if data is None:
             return None
         try:
-            return SubjectState.from_dict(self._read_json(path))
+            return SubjectState.from_dict(json.loads(data.decode()))
         except (ValueError, TypeError) as e:
             log.warning("registry: unreadable state for subject %r (%s)", subject_id, e)
             return None
@@ -203,14 +222,14 @@ class Registry:
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
 
     def states(self) -> dict[str, SubjectState]:
-        out = {}
-        for sid in self.subjects():
+        def state(sid: str) -> SubjectState | None:
             st = self.get_state(sid)
-            if st is None and self.latest(sid):
-                st = SubjectState(sid, state="done", version=self.latest(sid))
-            if st is not None:
-                out[sid] = st
-        return out
+            if st is None and (version := self.latest(sid)):
+                st = SubjectState(sid, state="done", version=version)
+            return st
+
+        sids = self.subjects()
+        return {sid: st for sid, st in zip(sids, concurrently(state, sids), strict=True) if st is not None}
 
     # ------------------------------------------------------------------ versions
 
@@ -227,11 +246,8 @@ class Registry:
         return sorted(names, key=lambda v: int(v[1:]))
 
     def latest(self, subject_id: str) -> str | None:
-        path = self.subject_path(subject_id, "latest")
-        if not self._exists(path):
-            return None
-        with self.fs.open_input_stream(path) as f:
-            return f.read().decode().strip() or None
+        data = self._get(self.subject_path(subject_id, "latest"))
+        return (data or b"").decode().strip() or None
 
     def _next_version(self, subject_id: str) -> str:
         base = self.subject_path(subject_id, "versions")
@@ -306,8 +322,7 @@ class Registry:
             Path(tmp).write_text(text + "\n")
             os.replace(tmp, path)
         else:
-            with self.fs.open_output_stream(path) as f:
-                f.write((text + "\n").encode())
+            self._put(path, (text + "\n").encode())
 
     def resolve_version(self, subject_id: str, version: str | None = None) -> str:
         if version in (None, "", "latest"):
@@ -384,8 +399,8 @@ class Registry:
         return data
 
     def run(self, run_id: str) -> dict[str, Any] | None:
-        path = self._p("runs", f"{run_id}.json")
-        return self._read_json(path) if self._exists(path) else None
+        data = self._get(self._p("runs", f"{run_id}.json"))
+        return json.loads(data.decode()) if data is not None else None
 
     def runs(self) -> list[dict[str, Any]]:
         base = self._p("runs")

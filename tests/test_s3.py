@@ -32,14 +32,21 @@ def test_registry_on_s3_publishes_versions_and_latest(s3, tmp_path):
     assert reg.states()["dog"].state == "done"
 
 
-def test_a_subjects_state_is_one_request_to_write_and_one_to_read(s3):
+def test_small_registry_objects_are_one_request_each_on_s3(s3, tmp_path):
     """Small registry objects go in one PUT (not a multipart upload's three requests) and come
-    back in one GET (no HEAD first), an absent one included: a fleet writes them all the time."""
+    back in one GET (no HEAD first), an absent one included: a fleet writes them all the time.
+    An expert's files are one PUT each too."""
     reg = Registry(f"s3://{s3.bucket()}/reg")
     s3.record()
     reg.update_state("dog", state="queued")  # GET (absent) + PUT
     assert reg.get_state("dog").state == "queued" and reg.latest("dog") is None  # GET + GET (absent)
     assert [r["method"] for r in s3.requests()] == ["GET", "PUT", "GET", "GET"]
+    expert = fake_expert(tmp_path, "dog", "a")
+    s3.record()
+    assert reg.publish("dog", expert) == "v0001"
+    puts = [r["url"].split("?")[0].rsplit("/", 1)[1] for r in s3.requests() if r["method"] in ("PUT", "POST")]
+    # the claim, the two files (expert.json last), latest: no multipart upload anywhere
+    assert puts == [".claim", "pytorch_lora_weights.safetensors", "expert.json", "latest"], puts
 
 
 def test_a_claimed_but_unfinished_version_is_never_reused_or_read(s3, tmp_path):

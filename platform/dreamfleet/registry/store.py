@@ -55,6 +55,7 @@ REGISTRY_VERSION = 1
 STATES = ("queued", "training", "done", "failed")
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 CLAIM = ".claim"  # the object that reserves a version number on S3
+SINGLE_PUT_BYTES = 64 * 2**20  # files up to this size are uploaded to S3 in one PUT (S3 takes up to 5 GiB)
 
 
 def now() -> str:
@@ -311,6 +312,9 @@ class Registry:
         files.sort(key=lambda p: p.name == EXPERT_FILE)
         for path in files:
             target = f"{dest}/{path.relative_to(local).as_posix()}"
+            if self.objects is not None and path.stat().st_size <= SINGLE_PUT_BYTES:
+                self._put(target, path.read_bytes())  # one request, not a multipart upload's three
+                continue
             if self.objects is None:
                 self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             with open(path, "rb") as src, self.fs.open_output_stream(target) as out:

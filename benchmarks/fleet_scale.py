@@ -9,7 +9,8 @@ images (they are per class, not per subject, and measured elsewhere). For each s
   steps, per subject: everything the platform adds to training);
 - peak memory (RSS) of the driver process and of the run's queue actor;
 - S3 requests per subject, by method (moto's request recorder);
-- what one dashboard poll costs: ``Registry.states()`` latency and S3 requests.
+- what one dashboard poll costs: ``Registry.states()`` latency and S3 requests;
+- one ``update_state``'s latency and requests, and a run's queued writes on 32 threads.
 
     .venv/bin/python benchmarks/fleet_scale.py --subjects 100 1000 --steps 2
 """
@@ -105,6 +106,27 @@ def measure(n: int, args, server, root: Path, cfg, fan) -> dict:
     }
 
 
+def registry_ops(server, n: int = 1000) -> dict:
+    """Per-operation costs against the same server: one ``update_state`` alone, and ``n`` of
+    them (a run's queued writes) one after another's rate vs on the fan-out's 32 threads."""
+    from dreamfleet.core.storage import concurrently
+    from dreamfleet.registry import Registry
+
+    reg = Registry(f"s3://{server.bucket('ops')}/registry")
+    ids = [f"s{i:05d}" for i in range(n)]
+    t = time.perf_counter()
+    for sid in ids[:100]:
+        reg.update_state(sid, state="queued")
+    one = (time.perf_counter() - t) / 100
+    server.record()
+    t = time.perf_counter()
+    concurrently(lambda sid: reg.update_state(sid, state="queued"), ids)
+    threaded = time.perf_counter() - t
+    requests = len(server.requests())
+    return {"update_state_ms": round(one * 1000, 1), "queued_writes": n, "queued_writes_threaded_s": round(threaded, 2),
+            "queued_writes_sequential_s_est": round(one * n, 1), "requests_per_update_state": round(requests / n, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, nargs="+", default=[100, 1000])
@@ -136,6 +158,8 @@ def main() -> None:
             row = measure(n, args, server, root, cfg, fan)
             results.append(row)
             print(json.dumps(row), flush=True)
+        ops = registry_ops(server)
+        print(json.dumps(ops), flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -144,7 +168,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs; Ray head (0 CPUs) + 2 worker nodes (1 CPU each) "
                    "on this machine; moto S3 server (its own process)",
-        "steps": args.steps, "command": " ".join(["python", *sys.argv]), "results": results,
+        "steps": args.steps, "command": " ".join(["python", *sys.argv]), "results": results, "registry_ops": ops,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -77,8 +77,13 @@ class S3Server:
     def requests(self) -> list[dict]:
         """The requests recorded since ``record()``: method, path, headers."""
         self._api("stop-recording")
-        lines = self._api("download-recording", method="GET").decode().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        text = self._api("download-recording", method="GET").decode()
+        # moto's threads append records without a lock: concurrent requests can share a line
+        decoder, out, i = json.JSONDecoder(), [], 0
+        while (i := len(text) - len(text[i:].lstrip())) < len(text):
+            record, i = decoder.raw_decode(text, i)
+            out.append(record)
+        return out
 
 
 class Outage:

@@ -80,10 +80,16 @@ class S3Server:
         text = self._api("download-recording", method="GET").decode()
         # moto's threads append records without a lock: concurrent requests can share a line
         decoder, out, i = json.JSONDecoder(), [], 0
-        while (i := len(text) - len(text[i:].lstrip())) < len(text):
+        while (i := _skip_space(text, i)) < len(text):
             record, i = decoder.raw_decode(text, i)
             out.append(record)
         return out
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
 
 
 class Outage:

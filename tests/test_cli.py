@@ -108,6 +108,10 @@ def test_demo_runs_end_to_end(tmp_path):
 
     assert Image.open(out / "grid.png").size[0] > 10 * 96  # 5 photos + 5 contexts at 96 px
     assert "grid:" in r.stdout and "results:" in r.stdout and "outputs in" in r.stdout
+    # progress lines from the fan-out (not a terminal here), none of Ray Data's own progress logs
+    said = r.stdout + r.stderr
+    assert "progress: 1/1 subjects finished (1 done, 0 failed)" in said, said[-3000:]
+    assert "Starting execution of Dataset" not in said and "Running Dataset" not in said, said[-3000:]
 
 
 def test_demo_takes_your_photos(tmp_path):

@@ -371,13 +371,37 @@ def test_generic_builder_checks_ids_too(tmp_path):
 
 
 def test_unknown_class_noun_column(tmp_path):
-    root = _subjects(tmp_path / "src", {"a": 3}, rows=["a,dog"], header="subject_id,class")
+    root = _subjects(tmp_path / "src", {"a": 3}, rows=["a,dog"], header="subject_id,class_name")
     with pytest.raises(DataError) as e:
         build_from_folders(root, None, tmp_path / "m")
     msg = str(e.value)
-    assert "classes.csv" in msg and "missing column(s) 'class_noun'" in msg and "unknown column(s) 'class'" in msg
+    assert "classes.csv" in msg and "missing column(s) 'class_noun'" in msg and "unknown column(s) 'class_name'" in msg
     assert "expected columns: subject_id, class_noun (required)" in msg and "learning_rate" in msg
     assert not (tmp_path / "m").exists()
+
+
+def test_dreambenchs_header_and_its_own_file_are_accepted(tmp_path, dreambench):
+    """DreamBench says ``subject_name,class``: aliases of subject_id and class_noun. Its
+    prompts_and_classes.txt (a title, the table, then prompt lists) is read as a classes file;
+    a header that names a column twice through an alias is refused."""
+    root = _subjects(tmp_path / "src", {"a": 3, "b": 3}, rows=["a,dog", "b,teapot"], header="subject_name,class")
+    build_from_folders(root, None, tmp_path / "m")
+    assert Manifest.open(tmp_path / "m").record("b").class_noun == "teapot"
+    src = tmp_path / "bench"
+    for sid in ("dog2", "teapot"):
+        for j, f in enumerate(sorted((dreambench / sid).iterdir())[:3]):
+            (src / sid).mkdir(parents=True, exist_ok=True)
+            (src / sid / f"{j}{f.suffix}").write_bytes(f.read_bytes())
+    report = build_from_folders(src, dreambench / "prompts_and_classes.txt", tmp_path / "m2")
+    m = Manifest.open(tmp_path / "m2")
+    assert (m.record("dog2").class_noun, m.record("teapot").class_noun) == ("dog", "teapot")
+    assert sorted(report.built) == ["dog2", "teapot"]
+    # the 28 other rows are reported as subjects without a folder (at their own line); the prompt lists are not rows
+    assert len(report.problems) == 28 and all("has no folder" in pr.message for pr in report.problems)
+    assert "prompts_and_classes.txt line 4: subject 'backpack'" in report.problems[0].message
+    _subjects(tmp_path / "twice", {"a": 3}, rows=["a,dog,dog"], header="subject_id,class,class_noun")
+    with pytest.raises(DataError, match="'class_noun' appear twice"):
+        build_from_folders(tmp_path / "twice", None, tmp_path / "m3")
 
 
 def test_folders_and_rows_that_do_not_match_and_bad_values(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from dreamfleet.core.errors import DreamfleetError
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dreamfleet",
         description="Fleet-scale DreamBooth: train, register and serve per-subject experts.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, with Ray's own logs and Ray Data's progress")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.passthrough = extra  # `submit` hands unknown options on to `dreamfleet train`
     setup_logging(args.verbose)
+    if args.verbose:  # Ray's own logs and Ray Data's progress too (control.cluster.quiet_ray)
+        os.environ["DREAMFLEET_VERBOSE"] = "1"
     try:
         return int(args.handler(args) or 0)
     except DreamfleetError as e:

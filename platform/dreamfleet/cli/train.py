@@ -49,6 +49,12 @@ def resolve_train_config(args: argparse.Namespace):
     return C.from_dict(TrainConfig, data)
 
 
+def _caption(photo: Path) -> str | None:
+    """The caption beside a photo (``dog01.jpg`` -> ``dog01.txt``), as kohya and diffusers' scripts read it."""
+    sidecar = photo.with_suffix(".txt")
+    return sidecar.read_text(encoding="utf-8").strip() or None if sidecar.is_file() else None
+
+
 def run(args: argparse.Namespace) -> int:
     from dreamfleet.core.images import load_subject_images
     from dreamfleet.trainers.class_images import ClassImageCache
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         image_names=[im.path.name for im in images],
         identifier=args.identifier,
         source=str(args.images.resolve()),
+        captions=[_caption(im.path) for im in images] if cfg.captions else None,
     )
     result = train_subject(
         subject, args.base_model, cfg, args.out,

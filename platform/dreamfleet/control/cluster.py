@@ -4,6 +4,7 @@ fan-out and the apprentice both launch."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,7 +73,18 @@ def connect_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
         # address="local": always a new embedded instance, never a stale `ray start` cluster
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
                  runtime_env=env, log_to_driver=False, configure_logging=False)
+    quiet_ray(os.environ.get("DREAMFLEET_VERBOSE") == "1")
     return True
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Ray's own chatter off unless ``-v``: Ray Data's progress (logged every 10 s when the
+    output is not a terminal) and Ray's INFO logs. The fan-out shows its own progress."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    for name, quiet in (("ray", logging.WARNING), ("ray.data", logging.ERROR), ("ray.train", logging.WARNING)):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else quiet)
 
 
 def absolute(uri: str) -> str:

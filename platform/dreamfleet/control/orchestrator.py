@@ -190,6 +190,7 @@ def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from dreamfleet.control.console import RunConsole
     from dreamfleet.control.progress import StateTracker
     from dreamfleet.control.queue import SubjectQueue
     from dreamfleet.trainers.runtime import GroupConfig, fanout_worker
@@ -224,47 +225,29 @@ def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, 
             log.error("worker group %d stopped: %s", group, e)
             ray.get(queue.group_exited.remote(group, f"worker group failed: {type(e).__name__}: {e}"))
 
-    bar = _ProgressBar(len(todo), progress)
+    console = RunConsole(registry, {sid: c.steps for sid, c in configs.items()}, enabled=progress)
+
+    def show(final: bool = False) -> None:
+        console.update(ray.get(queue.progress.remote()), ray.get(queue.training.remote()), final=final)
+
     try:
         for _ in range(1 + fan.max_retries):  # relaunch groups while retriable work remains
             threads = [threading.Thread(target=run_group, args=(g,), daemon=True) for g in range(n_groups)]
             for t in threads:
                 t.start()
             while any(t.is_alive() for t in threads):
-                bar.update(ray.get(queue.progress.remote()))
+                show()
                 time.sleep(1.0)
             if ray.get(queue.remaining.remote()) == 0:
                 break
         never = "no worker group could train it (see the run's logs)"
         for sid in ray.get(queue.pending_subjects.remote()):
             registry.update_state(sid, state="failed", error=never)
-        bar.update(ray.get(queue.progress.remote()))
+        show(final=True)
         done, failed = ray.get(queue.outcome.remote())
         return done, {**dict.fromkeys(configs, never), **failed}
     finally:
-        bar.close()
         ray.kill(queue)
-
-
-class _ProgressBar:
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            # disable=None: no bar when stderr is not a terminal (CI logs, Ray jobs)
-            self.bar = tqdm(total=total, desc="subjects", unit="subject", dynamic_ncols=True, disable=None)
-
-    def update(self, progress: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
-        self.bar.n = progress["done"] + progress["failed"]
-        self.bar.set_postfix(done=progress["done"], failed=progress["failed"], training=progress["training"])
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # --------------------------------------------------------------------------- class images, with Ray Data

@@ -83,6 +83,10 @@ class SubjectQueue:
             "training": sum(len(sids) for sids in self.leases.values()), "elapsed_s": time.time() - self.started,
         }
 
+    def training(self) -> list[str]:
+        """The subjects leased to a group now."""
+        return [sid for sids in self.leases.values() for sid in sids]
+
     def pending_subjects(self) -> list[str]:
         return list(self.pending)
 

@@ -1,8 +1,9 @@
 """Subjects from one folder per subject plus a ``classes.csv``.
 
-``classes.csv`` has a header row with ``subject_id`` and ``class_noun`` and, optionally, the
-columns in :data:`OPTIONAL_COLUMNS`. A header that lacks a required column or has an unknown
-one is refused as a whole (a typo such as ``class`` would otherwise lose every class noun).
+``classes.csv`` has a header row with ``subject_id`` and ``class_noun`` (or DreamBench's
+``subject_name`` and ``class``; its ``prompts_and_classes.txt`` is read as it is) and,
+optionally, the columns in :data:`OPTIONAL_COLUMNS`. A header that lacks a required column or has an unknown
+one is refused as a whole (a typo such as ``clas_noun`` would otherwise lose every class noun).
 Rows are then checked one by one; a bad row, a folder without a row and a row without a
 folder are each reported for that subject, and the other subjects still build.
 
@@ -26,6 +27,8 @@ from dreamfleet.core.images import IMAGE_EXTENSIONS, list_image_files
 from dreamfleet.data.build import BuildConfig, BuildReport, Problem, SubjectSpec, build_manifest
 
 REQUIRED_COLUMNS = ("subject_id", "class_noun")
+# DreamBench's prompts_and_classes.txt says ``subject_name,class``
+ALIASES = {"subject_name": "subject_id", "class": "class_noun"}
 OPTIONAL_COLUMNS = (
     "identifier", "tenant", "steps", "learning_rate", "method", "live_subject",
     "eval_prompts", "train_overrides", "licence",
@@ -73,7 +76,11 @@ def _check_header(path: Path, header: list[str] | None) -> list[str]:
     )
     if not header:
         raise DataError(f"{path}: the file is empty; it needs a header row ({expected})")
-    columns = [c.strip() for c in header]
+    columns = [ALIASES.get(c.strip(), c.strip()) for c in header]
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}: column(s) {', '.join(map(repr, twice))} appear twice in the header {header} "
+                        f"(counting the aliases {', '.join(f'{a}={c}' for a, c in ALIASES.items())}); keep one")
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     if missing or unknown:
@@ -86,15 +93,27 @@ def _check_header(path: Path, header: list[str] | None) -> list[str]:
     return columns
 
 
+def _table_lines(path: Path) -> tuple[int, list[str]]:
+    """The CSV's lines and the line number before the first. DreamBench's own
+    ``prompts_and_classes.txt`` is taken as it is: a ``Classes`` title line, the table, then a
+    blank line and its prompt lists, which are not rows."""
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    if not lines or lines[0].strip() != "Classes":
+        return 0, lines
+    start = next((i for i, line in enumerate(lines[1:], 1) if line.strip()), len(lines))
+    end = next((i for i, line in enumerate(lines[start:], start) if not line.strip()), len(lines))
+    return start, lines[start:end]
+
+
 def read_classes_csv(path: str | Path) -> tuple[dict[str, ClassRow], list[Problem]]:
     """Rows by NFC subject id, and the problems of the rows left out."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: classes file does not exist; pass --classes with a CSV of subject_id,class_noun")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        columns = _check_header(path, next(reader, None))
-        raw_rows = [(reader.line_num, row) for row in reader]
+    first, lines = _table_lines(path)
+    reader = csv.reader(lines)
+    columns = _check_header(path, next(reader, None))
+    raw_rows = [(first + reader.line_num, row) for row in reader]
     rows: dict[str, list[ClassRow]] = {}
     problems: list[Problem] = []
     for line, values in raw_rows:

@@ -39,12 +39,14 @@ class OptimizerConfig:
     adam_epsilon: float = cfg(1e-8, "AdamW epsilon")
     max_grad_norm: float = cfg(1.0, "gradient clipping norm (0 disables)")
     optimizer: Literal["adamw", "adamw8bit"] = cfg("adamw", "adamw (torch), or adamw8bit (bitsandbytes: 8-bit moments)")
+    ema_decay: float = cfg(0.0, "EMA of the trained weights, published instead of the raw ones (diffusers' EMAModel, "
+                                "its decay warming up as (1+n)/(10+n)); 0: off, 0.99-0.9999 typical")
 
     def check_optimizer(self) -> None:
         _at_least(self, 0, "lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "adam_epsilon")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ConfigError(f"config field 'learning_rate' must be positive, got {self.learning_rate}")
-        for name in ("adam_beta1", "adam_beta2"):
+        for name in ("adam_beta1", "adam_beta2", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"config field '{name}' must be in [0, 1), got {getattr(self, name)}")
 
@@ -92,9 +94,13 @@ class AdapterConfig:
     train_text_encoder: bool = cfg(False, "also fine-tune the text encoder (LoRA adapters on it with method=lora)")
     lora_rank: int = cfg(4, "LoRA rank")
     lora_alpha: int | None = cfg(None, "LoRA alpha (default: the rank)")
+    use_dora: bool = cfg(False, "DoRA: weight-decomposed LoRA (PEFT use_dora; a magnitude vector per adapted layer), "
+                                "method=lora")
 
     def check_adapter(self) -> None:
         _at_least(self, 1, "lora_rank")
+        if self.use_dora and self.method != "lora":
+            raise ConfigError(f"use_dora decomposes LoRA adapters: it needs method=lora, not {self.method!r}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,8 @@ class DataConfig:
     center_crop: bool = cfg(True, "center-crop to a square after resizing (else random crop)")
     random_flip: bool = cfg(False, "random horizontal flips (off by default: flips change asymmetric subjects)")
     cache_latents: bool = cfg(True, "encode the training images with the VAE once, not every step")
+    captions: bool = cfg(False, "train each photo on its own caption (a .txt beside it when the manifest was built), "
+                                "{identifier} and {class_noun} filled in; a photo without one uses the instance prompt")
 
     def check_data(self) -> None:
         _at_least(self, 1, "batch_size")
@@ -127,6 +135,23 @@ class ValidationConfig:
 
     def check_validation(self) -> None:
         _at_least(self, 1, "num_validation_images", "validation_inference_steps")
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The noise section: offset noise and min-SNR-γ loss weighting, as diffusers' DreamBooth
+    and text-to-image scripts (``--noise_offset``, ``--snr_gamma``). Off by default."""
+
+    noise_offset: float = cfg(0.0, "offset noise: add this times N(0, 1), one value per image and channel, to the "
+                                   "noise (0: off; 0.05-0.1 is typical)")
+    snr_gamma: float | None = cfg(None, "min-SNR-γ loss weighting (Hang et al. 2023; 5.0 is the paper's value) for "
+                                        "DDPM families (SD 1.x/2.x, SDXL); none: plain MSE")
+
+    def check_noise(self) -> None:
+        if self.noise_offset < 0:
+            raise ConfigError(f"config field 'noise_offset' must not be negative, got {self.noise_offset}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ConfigError(f"config field 'snr_gamma' must be positive (5.0 is typical), got {self.snr_gamma}")
 
 
 @dataclass(frozen=True)
@@ -168,13 +193,14 @@ class ProFusionSection:
 
 # Fields added after experts and checkpoints were first written: a record without one had its
 # default, so resuming such a checkpoint with the default is no change.
-ADDED_FIELDS = {f.name: f.default for section in (FlowConfig, MemoryConfig, ProFusionSection) for f in fields(section)}
-ADDED_FIELDS["optimizer"] = "adamw"
+ADDED_FIELDS = {f.name: f.default for section in (NoiseConfig, FlowConfig, MemoryConfig, ProFusionSection)
+                for f in fields(section)}
+ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0)
 
 
 @dataclass(frozen=True)
-class TrainConfig(ProFusionSection, MemoryConfig, FlowConfig, ValidationConfig, DataConfig, AdapterConfig, PriorConfig, LoopConfig,
-                  OptimizerConfig):
+class TrainConfig(ProFusionSection, MemoryConfig, FlowConfig, NoiseConfig, ValidationConfig, DataConfig, AdapterConfig,
+                  PriorConfig, LoopConfig, OptimizerConfig):
     """How one subject is fine-tuned: its sections (optimizer, loop, prior preservation, adapter,
     data, validation), each taken as it is by what uses it (the loop takes the config as its
     optimizer and loop sections), and the CLI, manifests and artifacts keep flat field names.
@@ -189,7 +215,7 @@ class TrainConfig(ProFusionSection, MemoryConfig, FlowConfig, ValidationConfig, 
 
     def __post_init__(self) -> None:
         for check in (self.check_optimizer, self.check_loop, self.check_prior, self.check_adapter,
-                      self.check_data, self.check_validation, self.check_flow):
+                      self.check_data, self.check_validation, self.check_noise, self.check_flow):
             check()
         if self.method == "profusion" and (self.train_text_encoder or self.quantize_base != "no"):
             raise ConfigError("method=profusion trains PromptNet and the UNet's q/k/v: no --train-text-encoder "

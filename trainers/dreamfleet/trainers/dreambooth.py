@@ -26,6 +26,7 @@ from dreamfleet.core.devices import resolve_device
 from dreamfleet.core.errors import ConfigError, DataError
 from dreamfleet.core.expert import EXPERT_FILE, ExpertInfo
 from dreamfleet.core.families import Cond, NoisyBatch, cat_cond
+from dreamfleet.core.families.base import DDPMFamily
 from dreamfleet.core.hashing import sha256_bytes
 from dreamfleet.core.identifiers import check_class_noun, check_identifier, choose_identifier
 from dreamfleet.core.ids import validate_subject_id
@@ -51,10 +52,14 @@ class SubjectData:
     tenant: str | None = None
     source: str | None = None
     image_names: list[str] | None = None
+    captions: list[str | None] | None = None  # one per image (given only when a run trains on captions)
 
     def input_hash(self) -> str:
-        """Hash of the normalised pixels, independent of file names and encodings."""
-        parts = [sha256_bytes(f"{im.size}".encode() + im.tobytes()) for im in self.images]
+        """Hash of the normalised pixels (and of each one's caption when there are captions),
+        independent of file names and encodings."""
+        captions = self.captions if self.captions and any(self.captions) else [None] * len(self.images)
+        parts = [sha256_bytes(f"{im.size}".encode() + im.tobytes() + (f"\0{c}".encode() if c else b""))
+                 for im, c in zip(self.images, captions, strict=True)]
         return sha256_bytes("\n".join(sorted(parts)).encode())
 
 
@@ -140,14 +145,16 @@ class DreamBoothObjective:
 
     def __init__(self, base: BaseModel, cfg: TrainConfig, instance: Pixels, klass: Pixels | None,
                  instance_prompt: str, class_prompt: str, device: torch.device, weight_dtype: torch.dtype,
-                 rank: int = 0):
+                 rank: int = 0, instance_prompts: list[str] | None = None):
         self.base, self.kind, self.cfg, self.device, self.rank = base, base.kind, cfg, device, rank
         self.vae, self.denoiser = base.vae, base.denoiser
         # The module called in forward; a distributed runtime replaces it with its DDP wrapper.
         self.forward_unet = base.denoiser
         self.weight_dtype = weight_dtype
         self.instance, self.klass = instance, klass
-        self.instance_ids = self.kind.tokenize(base, [instance_prompt], device)
+        # one prompt for every photo, or one per photo (its caption)
+        self.instance_prompts = instance_prompts or [instance_prompt]
+        self.instance_ids = self.kind.tokenize(base, self.instance_prompts, device)
         self.class_ids = self.kind.tokenize(base, [class_prompt], device)
         self.inst_dist = self.class_dist = None
         if cfg.cache_latents:
@@ -163,7 +170,7 @@ class DreamBoothObjective:
     def from_prepared(cls, p: PreparedSubject, rank: int = 0) -> DreamBoothObjective:
         """The objective of a prepared subject (what every trainer, runtime and benchmark builds)."""
         return cls(p.base, p.cfg, p.instance, p.klass, p.instance_prompt, p.class_prompt, p.device,
-                   p.weight_dtype, rank=rank)
+                   p.weight_dtype, rank=rank, instance_prompts=p.instance_prompts)
 
     @torch.no_grad()
     def _encode_dist(self, pixels_bchw: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,13 +199,18 @@ class DreamBoothObjective:
         eps = torch.randn(mean.shape, generator=g)
         return self.kind.latents(self.base, mean + std * eps).to(self.device)
 
-    def _cond(self, bs: int, prior: bool, sizes: torch.Tensor) -> Cond:
+    def _cond(self, idx: torch.Tensor, prior: bool, sizes: torch.Tensor) -> Cond:
+        """The text conditioning of the chosen photos (each its own caption's, or the one
+        instance prompt's), then of as many class images."""
+        bs = len(idx)
+        rows = idx if len(self.instance_prompts) > 1 else torch.zeros_like(idx)
         if self.cfg.train_text_encoder:
-            ids = {k: torch.cat([v] * bs + ([self.class_ids[k]] * bs if prior else []))
+            ids = {k: torch.cat([v[rows]] + ([self.class_ids[k]] * bs if prior else []))
                    for k, v in self.instance_ids.items()}
             cond = self.kind.encode(self.base, ids)
         else:
-            cond = cat_cond([self.inst_emb] * bs + ([self.class_emb] * bs if prior else []))
+            inst = {k: v[rows.to(v.device)] for k, v in self.inst_emb.items()}
+            cond = cat_cond([inst] + ([self.class_emb] * bs if prior else []))
         cond = self.kind.micro_conditioning(cond, sizes, self.cfg.resolution)
         return {k: v.to(self.device) for k, v in cond.items()}
 
@@ -217,9 +229,12 @@ class DreamBoothObjective:
             latents.append(self._latents(cidx, self.klass, self.class_dist, g))
             sizes.append(self.klass.sizes[cidx])
         latents_bchw = torch.cat(latents)
-        noise_bchw = torch.randn(latents_bchw.shape, generator=g).to(self.device)
+        noise_bchw = torch.randn(latents_bchw.shape, generator=g)
+        if cfg.noise_offset:  # one offset per image and channel (the draw only happens when on)
+            noise_bchw = noise_bchw + cfg.noise_offset * torch.randn(*latents_bchw.shape[:2], 1, 1, generator=g)
+        noise_bchw = noise_bchw.to(self.device)
         noisy = self.kind.noisy_batch(self.base, cfg, latents_bchw, noise_bchw, g)
-        return DreamBoothBatch(noisy, self._cond(bs, prior, torch.cat(sizes)), prior)
+        return DreamBoothBatch(noisy, self._cond(idx, prior, torch.cat(sizes)), prior)
 
     def loss_terms(self, pred_bchw: torch.Tensor, batch: DreamBoothBatch) -> dict[str, torch.Tensor]:
         """``loss = mse(instance) + prior_loss_weight * mse(class)`` of the denoiser's prediction
@@ -270,6 +285,24 @@ class PreparedSubject:
     device: torch.device
     weight_dtype: torch.dtype
     autocast_dtype: torch.dtype | None
+    instance_prompts: list[str] | None = None  # one per photo when it trains on captions
+
+
+def caption_prompts(subject: SubjectData, instance_prompt: str, fill: dict[str, str]) -> list[str] | None:
+    """Each photo's caption with ``{identifier}`` and ``{class_noun}`` filled in (the instance
+    prompt for a photo without one), or None when the subject has no captions."""
+    if not subject.captions or not any(subject.captions):
+        return None
+    if len(subject.captions) != len(subject.images):
+        raise DataError(f"subject {subject.subject_id!r}: {len(subject.captions)} captions for "
+                        f"{len(subject.images)} photos")
+    prompts = []
+    for caption in subject.captions:
+        text = caption or instance_prompt
+        for key, value in fill.items():
+            text = text.replace("{" + key + "}", value)
+        prompts.append(" ".join(text.split()))
+    return prompts
 
 
 def prepare_subject(
@@ -295,6 +328,9 @@ def prepare_subject(
     instance_prompt = cfg.instance_prompt.format(**fill)
     class_prompt = cfg.class_prompt.format(**fill)
     check_prompt_length(base, instance_prompt, "instance prompt")
+    instance_prompts = caption_prompts(subject, instance_prompt, fill) if cfg.captions else None
+    for i, prompt in enumerate(instance_prompts or []):
+        check_prompt_length(base, prompt, f"caption of photo {i} of subject {subject.subject_id!r}")
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.mixed_precision, device)
 
@@ -312,7 +348,7 @@ def prepare_subject(
     return PreparedSubject(
         subject=subject, base=base, cfg=cfg, identifier=identifier, instance_prompt=instance_prompt,
         class_prompt=class_prompt, class_images=class_meta, instance=instance, klass=klass,
-        device=device, weight_dtype=dtype or torch.float32, autocast_dtype=dtype,
+        device=device, weight_dtype=dtype or torch.float32, autocast_dtype=dtype, instance_prompts=instance_prompts,
     )
 
 
@@ -332,6 +368,9 @@ def check_family_supports(base: BaseModel, cfg: TrainConfig) -> None:
     if cfg.train_text_encoder and support.text_encoder_lora != "yes":
         raise ConfigError(f"base model {base.spec!r} ({base.kind.title}): train_text_encoder is not supported "
                           f"({support.text_encoder_lora})")
+    if cfg.snr_gamma and not isinstance(base.kind, DDPMFamily):
+        raise ConfigError(f"base model {base.spec!r} ({base.kind.title}) is trained on rectified flow: snr_gamma "
+                          "(min-SNR weighting) is for DDPM families; use --weighting-scheme (e.g. logit_normal)")
 
 
 def setup_frozen(p: PreparedSubject) -> None:
@@ -359,7 +398,7 @@ def _make_trainable(module: torch.nn.Module, p: PreparedSubject, targets, seed: 
         place_module(module, p.device, p.weight_dtype)
         if quantize:
             quantize_frozen(p)
-        add_lora(module, p.cfg.lora_rank, p.cfg.lora_alpha, list(targets), seed=seed)
+        add_lora(module, p.cfg.lora_rank, p.cfg.lora_alpha, list(targets), seed=seed, use_dora=p.cfg.use_dora)
     else:
         module.requires_grad_(True)
         place_module(module, p.device, torch.float32)

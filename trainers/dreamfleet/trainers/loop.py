@@ -137,6 +137,11 @@ class LocalEngine:
         self.optimizer = make_optimizer(self.params, s)
         self.scheduler = make_scheduler(self.optimizer, s)
         self.scaler = torch.amp.GradScaler(s.device.type) if s.autocast_dtype == torch.float16 else None
+        self.ema = None
+        if getattr(s.optimizer, "ema_decay", 0.0) > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=s.optimizer.ema_decay, foreach=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -158,8 +163,15 @@ class LocalEngine:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
         out["lr"] = float(self.scheduler.get_last_lr()[0])
         return out
+
+    def finish(self) -> None:
+        """At the end of training: the EMA weights (when kept) become the trained weights."""
+        if self.ema is not None:
+            self.ema.copy_to(self.params)
 
     def save(self, folder: Path, *, is_main: bool) -> None:
         if not is_main:  # replicated state (single process or DDP): rank 0 writes it
@@ -167,7 +179,8 @@ class LocalEngine:
         save_file(trainable_state(self.objective), str(folder / "trainable.safetensors"))
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-             "scaler": self.scaler.state_dict() if self.scaler is not None else None},
+             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+             "ema": self.ema.state_dict() if self.ema is not None else None},
             folder / "optimizer.pt",
         )
 
@@ -178,6 +191,8 @@ class LocalEngine:
         self.scheduler.load_state_dict(opt["scheduler"])
         if self.scaler is not None and opt.get("scaler"):
             self.scaler.load_state_dict(opt["scaler"])
+        if self.ema is not None and opt.get("ema"):
+            self.ema.load_state_dict(opt["ema"])
 
 
 def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
@@ -351,6 +366,8 @@ def run_loop(
     if progress is not None:
         progress.close()
     final_step = history[-1]["step"] if history else start
+    if final_step == s.loop.steps and hasattr(engine, "finish"):
+        engine.finish()
     if hooks.on_validation is not None and final_step == s.loop.steps:
         hooks.on_validation(final_step)
     return LoopResult(

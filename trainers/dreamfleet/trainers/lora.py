@@ -28,8 +28,10 @@ class LoraWeights:
         return self.metadata["lora_alpha"] / self.metadata["r"]
 
 
-def add_lora(module: torch.nn.Module, rank: int, alpha: int, targets: list[str], *, seed: int) -> None:
-    """Freeze ``module`` and add a trainable LoRA adapter ("default") on ``targets``.
+def add_lora(module: torch.nn.Module, rank: int, alpha: int, targets: list[str], *, seed: int,
+             use_dora: bool = False) -> None:
+    """Freeze ``module`` and add a trainable LoRA adapter ("default") on ``targets`` (DoRA with
+    ``use_dora``: PEFT adds a magnitude vector per layer, initialised from the base weight).
 
     PEFT initialises A from the global RNG; a forked, seeded RNG makes the init a function of
     ``seed`` alone, so two runs with the same seed start from the same adapter.
@@ -39,7 +41,8 @@ def add_lora(module: torch.nn.Module, rank: int, alpha: int, targets: list[str],
     module.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+        module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets,
+                                      use_dora=use_dora))
 
 
 def lora_weights(module: torch.nn.Module, full_state: dict[str, torch.Tensor] | None = None) -> LoraWeights:

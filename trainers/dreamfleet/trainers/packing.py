@@ -220,10 +220,10 @@ def check_packable(prepared: Sequence[PreparedSubject]) -> None:
         raise ConfigError(f"subjects {dupes} appear more than once in the pack")
     first = prepared[0]
     cfg = first.cfg
-    if any(p.cfg.method != "lora" or p.cfg.train_text_encoder for p in prepared):
+    if any(p.cfg.method != "lora" or p.cfg.train_text_encoder or p.cfg.use_dora for p in prepared):
         raise ConfigError(
-            "packing trains UNet LoRA adapters only (method=lora, train_text_encoder off); "
-            "train other subjects one at a time with train_subject"
+            "packing trains plain UNet LoRA adapters only (method=lora, train_text_encoder and use_dora off); "
+            "train other subjects one at a time with train_subject (--pack 1)"
         )
     if first.autocast_dtype == torch.float16:
         raise ConfigError(

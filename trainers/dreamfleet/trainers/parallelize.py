@@ -100,7 +100,8 @@ class DeepSpeedEngine:
         if getattr(objective.cfg, "train_text_encoder", False):
             raise ConfigError("train_text_encoder is not supported with DeepSpeed ZeRO here; use --zero-stage 0")
         for name, value, plain in (("optimizer", getattr(s.optimizer, "optimizer", "adamw"), "adamw"),
-                                   ("quantize_base", getattr(objective.cfg, "quantize_base", "no"), "no")):
+                                   ("quantize_base", getattr(objective.cfg, "quantize_base", "no"), "no"),
+                                   ("ema_decay", getattr(s.optimizer, "ema_decay", 0.0), 0.0)):
             if value != plain:
                 raise ConfigError(f"{name}={value!r} is not supported with DeepSpeed ZeRO (ZeRO shards its own "
                                   f"AdamW states and fp32 weights); use --zero-stage 0 (DDP), or {name}={plain!r}")

@@ -191,9 +191,10 @@ def _run_pack(gc: GroupConfig, queue, registry, ready: list[tuple[int, Any]], t0
 def _prepare_leased(gc: GroupConfig, manifest, subject_id: str, base):
     """The leased subject's photos from the manifest, its config with the manifest's overrides, prepared."""
     record = manifest.record(subject_id)
-    images = [im for _, im, _ in manifest.read_images(subject_id)]
-    subject = SubjectData(subject_id, record.class_noun, images, identifier=record.identifier,
-                          tenant=record.tenant, source=f"{gc.manifest}#{subject_id}")
+    samples = manifest.read_images(subject_id)
+    captions = [meta.get("caption") for _, _, meta in samples] if gc.configs[subject_id].captions else None
+    subject = SubjectData(subject_id, record.class_noun, [im for _, im, _ in samples], identifier=record.identifier,
+                          tenant=record.tenant, source=f"{gc.manifest}#{subject_id}", captions=captions)
     cache = ClassImageCache(gc.class_cache) if gc.class_cache else None
     return prepare_any(subject, base, gc.configs[subject_id], class_cache=cache)
 

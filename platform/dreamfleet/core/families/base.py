@@ -220,7 +220,19 @@ class DDPMFamily(Family):
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return NoisyBatch(noisy, timesteps, target)
+        gamma = getattr(cfg, "snr_gamma", None)
+        weighting = min_snr_weights(scheduler, timesteps, gamma).view(n, 1, 1, 1) if gamma else None
+        return NoisyBatch(noisy, timesteps, target, weighting)
+
+
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ per-sample loss weights (Hang et al. 2023, §3.4) as diffusers'
+    train_text_to_image.py: ``min(SNR, γ) / SNR`` for ε-prediction, ``/ (SNR + 1)`` for v."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.minimum(snr, torch.full_like(snr, gamma))
+    return weights / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
 
 
 class FlowFamily(Family):

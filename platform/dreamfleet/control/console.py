@@ -1,0 +1,78 @@
+"""What the driver of a fan-out shows while it runs.
+
+On a terminal, a table redrawn every second: each subject in training with its step, steps,
+loss and ETA, and a line of counts. Otherwise (CI logs, Ray Job logs, `make demo | tee`), one
+concise line whenever something changed, at most every ``every_s`` seconds, and a last one
+at the end. The steps and losses are the ones rank 0 of each group writes to the registry
+(``--state-every-s``); the counts come from the run's queue.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class RunConsole:
+    def __init__(self, registry, steps: dict[str, int], *, enabled: bool, stream: TextIO | None = None,
+                 every_s: float = 10.0):
+        self.registry, self.steps, self.enabled = registry, steps, enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every_s = every_s
+        self.t0 = time.monotonic()
+        self.seen: dict[str, tuple[float, int]] = {}  # subject -> (when first seen training, its step then)
+        self._drawn, self._last_line, self._last_t = 0, "", 0.0
+
+    def update(self, progress: dict[str, Any], training: list[str], *, final: bool = False) -> None:
+        if not self.enabled or not (self.tty or final or time.monotonic() - self._last_t >= self.every_s):
+            return
+        rows = [self._row(sid) for sid in training]
+        if self.tty:
+            self._draw([self._counts(progress), *(self._table(rows) if rows else [])])
+            return
+        line = self._counts(progress) + ("; " + ", ".join(f"{r[0]} {r[2]}/{r[3]} loss {r[4]}" for r in rows)
+                                         if rows else "")
+        if line != self._last_line or final:
+            self.stream.write(f"progress: {line}\n")
+            self.stream.flush()
+            self._last_line, self._last_t = line, time.monotonic()
+
+    def _row(self, sid: str) -> tuple[str, str, int, int, str, str]:
+        st = self.registry.get_state(sid)
+        step, total = (st.step if st else 0), self.steps.get(sid, 0)
+        now = time.monotonic()
+        t_seen, s_seen = self.seen.setdefault(sid, (now, step))
+        rate = (step - s_seen) / (now - t_seen) if step > s_seen and now > t_seen else None
+        eta = (total - step) / rate if rate else None
+        loss = f"{st.loss:.4f}" if st and st.loss is not None else "-"
+        return sid, (st.state if st else "leased"), step, total, loss, _duration(eta)
+
+    def _counts(self, p: dict[str, Any]) -> str:
+        finished = p["done"] + p["failed"]
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / finished * (p["total"] - finished) if finished else None
+        return (f"{finished}/{p['total']} subjects finished ({p['done']} done, {p['failed']} failed), "
+                f"{p['training']} training, {p['pending']} queued; {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
+
+    @staticmethod
+    def _table(rows: list[tuple]) -> list[str]:
+        head = ("subject", "state", "step", "steps", "loss", "ETA")
+        cells = [head, *[tuple(map(str, r)) for r in rows]]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+        return ["  " + "  ".join(c[i].ljust(widths[i]) for i in range(len(head))) for c in cells]
+
+    def _draw(self, lines: list[str]) -> None:
+        if self._drawn:  # back to the first line drawn last time, and clear below it
+            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
+        self.stream.write("\n".join(lines) + "\n")
+        self.stream.flush()
+        self._drawn = len(lines)

@@ -186,3 +186,85 @@ def test_an_ema_expert_publishes_the_averaged_weights(tmp_path):
     a, b = (load_file(str(r.expert_dir / "pytorch_lora_weights.safetensors")) for r in (raw, ema))
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     assert ema.info.config["ema_decay"] == 0.9
+
+
+def test_kohya_export_loads_back_in_plain_diffusers_with_identical_output(tmp_path, capsys):
+    """`dreamfleet experts export SUBJECT --format kohya`: one file in the kohya/A1111 layout
+    (lora_unet_*, lora_te1_*, lora_down/lora_up and each layer's alpha, here the expert's 8, not
+    the rank), which StableDiffusionPipeline.load_lora_weights converts back and renders exactly
+    as it renders the expert's own file. What it cannot export is refused, saying why."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreamfleet.cli.main import main
+    from dreamfleet.registry import Registry
+
+    cfg = fast_config(steps=4, learning_rate=1e-2, lora_rank=4, lora_alpha=8, train_text_encoder=True,
+                      with_prior_preservation=False)
+    r = train_subject(subject(), "tiny-random", cfg, tmp_path / "e", class_cache=ClassImageCache(tmp_path / "c"),
+                      progress=False)
+    reg = Registry(tmp_path / "reg")
+    reg.publish("opt0", r.expert_dir)
+    out = tmp_path / "opt0.safetensors"
+    assert main(["experts", "export", "opt0", "--registry", str(tmp_path / "reg"), "--out", str(out)]) == 0
+    kohya = load_file(str(out))
+    assert all(k.startswith(("lora_unet_", "lora_te1_")) for k in kohya), sorted(kohya)[:5]
+    assert any(k.startswith("lora_te1_") for k in kohya) and any(".lora_down.weight" in k for k in kohya)
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    load_base("tiny-random").save_pretrained(tmp_path / "sd")
+    stock = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", safety_checker=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    own_memory(stock)
+    ours, info = open_expert(r.expert_dir)
+    stock.scheduler = type(ours.scheduler).from_config(ours.scheduler.config)
+    before = _render(stock, info.instance_prompt)
+    stock.load_lora_weights(str(out))
+    theirs = _render(stock, info.instance_prompt)
+    assert np.abs(theirs - before).max() > 1e-3
+    stock.unload_lora_weights()
+    stock.load_lora_weights(str(r.expert_dir))  # the expert's own file, alpha from its metadata
+    assert np.array_equal(theirs, _render(stock, info.instance_prompt))
+    # dreamfleet's loader (from memory, alpha folded into the up-projections) renders the same
+    # picture up to float rounding; it ignored alpha before (0.067 off at alpha 8, rank 4)
+    assert np.abs(theirs - _render(ours, info.instance_prompt)).max() < 1e-5
+    full = train_subject(subject(), "tiny-random", fast_config(steps=1, method="full", with_prior_preservation=False),
+                         tmp_path / "full", class_cache=ClassImageCache(tmp_path / "c"), progress=False)
+    reg.publish("full0", full.expert_dir)
+    assert main(["experts", "export", "full0", "--registry", str(tmp_path / "reg"), "--out", str(tmp_path / "f")]) == 2
+    assert "method=full" in capsys.readouterr().err
+
+
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of the TensorBoard event files in ``folder`` (TFRecord framing: length,
+    its CRC, an Event proto, its CRC), read without TensorBoard."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_gets_each_subjects_loss_lr_and_gradient_norm(tmp_path):
+    """``--tensorboard-dir``: per subject, one scalar per step for the loss, its terms, the
+    learning rate and the gradient norm, equal to what the loop recorded; packed subjects each
+    get their own."""
+    cfg = fast_config(steps=3, tensorboard_dir=str(tmp_path / "tb"), with_prior_preservation=False)
+    r = train_subject(subject(), "tiny-random", cfg, tmp_path / "e", class_cache=ClassImageCache(tmp_path / "c"),
+                      progress=False)
+    got = _scalars(tmp_path / "tb" / "opt0")
+    assert {"train/loss", "train/lr", "train/grad_norm"} <= set(got), sorted(got)
+    assert [s for s, _ in got["train/loss"]] == [1, 2, 3]
+    assert [v for _, v in got["train/loss"]] == pytest.approx([h["loss"] for h in r.loop.history], rel=1e-6)
+    train_packed([subject(1), subject(2)], "tiny-random", [fast_config(**{**cfg.__dict__, "seed": s}) for s in (0, 1)],
+                 [tmp_path / "p1", tmp_path / "p2"], class_cache=ClassImageCache(tmp_path / "c"), progress=False)
+    for sid in ("opt1", "opt2"):
+        packed = _scalars(tmp_path / "tb" / sid)
+        assert len(packed["train/loss"]) == 3 and len(packed["train/lr"]) == 3, sorted(packed)

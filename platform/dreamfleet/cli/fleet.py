@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     C.add_arguments(p, TrainConfig, skip=("device",))
     p.set_defaults(handler=run_train)
 
-    e = sub.add_parser("experts", help="list, show or delete experts in a registry")
+    e = sub.add_parser("experts", help="list, show, delete or export experts in a registry")
     esub = e.add_subparsers(dest="experts_command", metavar="ACTION", required=True)
     el = esub.add_parser("list", help="one line per subject: state, latest version, loss")
     el.add_argument("--registry", required=True)
@@ -52,6 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--version")
     ed.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     ed.set_defaults(handler=run_experts_delete)
+    ex = esub.add_parser("export", help="write a LoRA expert as one file in the kohya/A1111 layout (ComfyUI, WebUI)")
+    ex.add_argument("subject")
+    ex.add_argument("--registry", required=True)
+    ex.add_argument("--version", help="version (default: latest)")
+    ex.add_argument("--format", default="kohya", choices=["kohya"], help="file layout")
+    ex.add_argument("--out", type=Path, help="file to write (default: <subject>-<version>.safetensors here)")
+    ex.set_defaults(handler=run_experts_export)
     register_jobs(sub)
 
 
@@ -125,6 +132,18 @@ def run_experts_show(args: argparse.Namespace) -> int:
         out["expert"] = reg.expert_info(args.subject, args.version).to_dict()
         out["path"] = str(reg.fetch(args.subject, args.version))
     print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def run_experts_export(args: argparse.Namespace) -> int:
+    from dreamfleet.core.export import export_expert
+    from dreamfleet.registry import Registry
+
+    reg = Registry(args.registry, create=False)
+    version = reg.resolve_version(args.subject, args.version)
+    out = args.out or Path(f"{args.subject}-{version}.safetensors")
+    export_expert(reg.fetch(args.subject, version), out, args.format)
+    print(f"{args.subject} {version} written to {out} ({args.format} layout)")
     return 0
 
 

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,24 +189,61 @@ def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, 
                 progress) -> tuple[list[str], dict[str, str]]:
     """Train ``configs`` on worker groups; this run's done subjects, and its failed ones with errors."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from dreamfleet.control.console import RunConsole
-    from dreamfleet.control.progress import StateTracker
+
+    queue, queue_name = _start_queue(registry, list(configs), fan.max_retries, run_id)
+    run_group = _group_runner(manifest_uri, registry, base_model, configs, fan, run_id, class_cache, queue, queue_name)
+    console = RunConsole(registry, {sid: c.steps for sid, c in configs.items()}, enabled=progress)
+
+    def show(final: bool = False) -> None:
+        console.update(ray.get(queue.progress.remote()), ray.get(queue.training.remote()), final=final)
+
+    try:
+        for _ in range(1 + fan.max_retries):  # relaunch groups while retriable work remains
+            threads = [threading.Thread(target=run_group, args=(g,), daemon=True)
+                       for g in range(min(fan.max_concurrent, len(configs)))]
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads):
+                show()
+                time.sleep(1.0)
+            if ray.get(queue.remaining.remote()) == 0:
+                break
+        never = "no worker group could train it (see the run's logs)"
+        for sid in ray.get(queue.pending_subjects.remote()):
+            registry.update_state(sid, state="failed", error=never)
+        show(final=True)
+        done, failed = ray.get(queue.outcome.remote())
+        return done, {**dict.fromkeys(configs, never), **failed}
+    finally:
+        ray.kill(queue)
+
+
+def _start_queue(registry, subjects: list[str], max_retries: int, run_id: str):
+    """The run's subject queue actor and its name. It lives beside the driver (the head, for a
+    Ray Job): a worker node lost mid-run must not take the run's leases with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from dreamfleet.control.queue import SubjectQueue
+
+    name = f"dreamfleet-queue-{run_id}"
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    queue = ray.remote(num_cpus=0)(SubjectQueue).options(name=name, namespace=NAMESPACE, scheduling_strategy=here)
+    return queue.remote(registry.uri, subjects, max_retries), name
+
+
+def _group_runner(manifest_uri, registry, base_model, configs, fan: FanoutConfig, run_id, class_cache, queue,
+                  queue_name) -> Callable[[int], None]:
+    """``run_group(g)``: worker group ``g`` as a Ray Train run, taking subjects from the queue
+    until it is empty; a group that gives up hands its leased subjects back."""
+    import ray
+
+    from dreamfleet.control.progress import StateTracker
     from dreamfleet.trainers.runtime import GroupConfig, fanout_worker
 
-    todo = list(configs)
-    queue_name = f"dreamfleet-queue-{run_id}"
-    # the queue lives beside the driver (the head, for a Ray Job): a worker node lost mid-run
-    # must not take the run's leases with it
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    queue = ray.remote(num_cpus=0)(SubjectQueue).options(name=queue_name, namespace=NAMESPACE,
-                                                         scheduling_strategy=here).remote(
-        registry.uri, todo, fan.max_retries
-    )
-    n_groups = min(fan.max_concurrent, len(todo))
-    max_failures = (fan.max_retries + 1) * len(todo)
+    max_failures = (fan.max_retries + 1) * len(configs)
 
     def run_group(group: int) -> None:
         gc = GroupConfig(
@@ -225,29 +263,7 @@ def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, 
             log.error("worker group %d stopped: %s", group, e)
             ray.get(queue.group_exited.remote(group, f"worker group failed: {type(e).__name__}: {e}"))
 
-    console = RunConsole(registry, {sid: c.steps for sid, c in configs.items()}, enabled=progress)
-
-    def show(final: bool = False) -> None:
-        console.update(ray.get(queue.progress.remote()), ray.get(queue.training.remote()), final=final)
-
-    try:
-        for _ in range(1 + fan.max_retries):  # relaunch groups while retriable work remains
-            threads = [threading.Thread(target=run_group, args=(g,), daemon=True) for g in range(n_groups)]
-            for t in threads:
-                t.start()
-            while any(t.is_alive() for t in threads):
-                show()
-                time.sleep(1.0)
-            if ray.get(queue.remaining.remote()) == 0:
-                break
-        never = "no worker group could train it (see the run's logs)"
-        for sid in ray.get(queue.pending_subjects.remote()):
-            registry.update_state(sid, state="failed", error=never)
-        show(final=True)
-        done, failed = ray.get(queue.outcome.remote())
-        return done, {**dict.fromkeys(configs, never), **failed}
-    finally:
-        ray.kill(queue)
+    return run_group
 
 
 # --------------------------------------------------------------------------- class images, with Ray Data

@@ -13,6 +13,7 @@ An expert is a folder, written atomically::
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -144,10 +145,32 @@ def read_expert(folder: str | Path, base: Any, info: ExpertInfo | None = None) -
             from dreamfleet.core.profusion import ProFusionWeights
 
             extra = ProFusionWeights.read(folder, base)
-        return ExpertWeights(info, lora=load_file(str(folder / LORA_WEIGHTS)), profusion=extra)
+        lora = fold_lora_scale(load_file(str(folder / LORA_WEIGHTS)), folder / LORA_WEIGHTS)
+        return ExpertWeights(info, lora=lora, profusion=extra)
     modules = base.modules()
     names = [n for n in modules if n != "vae" and (n == base.kind.denoiser or (folder / n).is_dir())]
     return ExpertWeights(info, components={n: _component(type(modules[n]), folder / n) for n in names})
+
+
+def fold_lora_scale(state: dict[str, Any], file: Path) -> dict[str, Any]:
+    """diffusers takes each adapter's ``lora_alpha`` from the file's metadata, which a state
+    dict in memory does not carry (``load_lora_weights(dict)`` takes alpha = rank). So the
+    scale ``alpha / rank`` is folded into the up-projections here, and the adapter loaded from
+    memory computes what the file does."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    scales = {}
+    for component in {k.split(".", 1)[0] for k in meta}:
+        if meta.get(f"{component}.alpha_pattern") or meta.get(f"{component}.rank_pattern"):
+            raise DataError(f"{file}: per-layer LoRA ranks or alphas are not supported; retrain with one rank")
+        r, alpha = meta.get(f"{component}.r"), meta.get(f"{component}.lora_alpha")
+        if r and alpha and alpha != r:
+            scales[component] = alpha / r
+    up = (".lora.up.", ".lora_linear_layer.up.", ".lora_B.")
+    return {k: v * scales[k.split(".", 1)[0]] if k.split(".", 1)[0] in scales and any(u in k for u in up) else v
+            for k, v in state.items()}
 
 
 def _component(cls: Any, folder: Path) -> Any:

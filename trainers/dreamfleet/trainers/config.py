@@ -132,6 +132,8 @@ class ValidationConfig:
     )
     num_validation_images: int = cfg(2, "validation images per prompt")
     validation_inference_steps: int = cfg(25, "denoising steps for validation images")
+    tensorboard_dir: str | None = cfg(None, "write TensorBoard event files (loss, its terms, learning rate, gradient "
+                                            "norm per step) under DIR/<subject>/ (on a cluster: a shared folder)")
 
     def check_validation(self) -> None:
         _at_least(self, 1, "num_validation_images", "validation_inference_steps")
@@ -195,7 +197,7 @@ class ProFusionSection:
 # default, so resuming such a checkpoint with the default is no change.
 ADDED_FIELDS = {f.name: f.default for section in (NoiseConfig, FlowConfig, MemoryConfig, ProFusionSection)
                 for f in fields(section)}
-ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0)
+ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0, tensorboard_dir=None)
 
 
 @dataclass(frozen=True)

@@ -498,7 +498,7 @@ def test_cli_build_show_validate(tmp_path, capsys):
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    root = _subjects(tmp_path / "src", {"a": 1}, header="subject_id,class")
+    root = _subjects(tmp_path / "src", {"a": 1}, header="subject_id,clas")  # a typo (`class` is DreamBench's alias)
     assert main(["manifest", "build", "--from-folders", str(root), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'class_noun'" in err and "Traceback" not in err

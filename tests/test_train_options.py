@@ -71,11 +71,24 @@ def test_options_are_checked_where_they_are_given(tmp_path):
                      [tmp_path / "a", tmp_path / "b"], progress=False)
 
 
+def stock_and_ours(tmp_path, expert_dir):
+    """Stock StableDiffusionPipeline over tiny-random saved as a plain folder (the expert's
+    scheduler), dreamfleet's own pipeline of the expert, and the expert's info."""
+    from diffusers import StableDiffusionPipeline
+
+    load_base("tiny-random").save_pretrained(tmp_path / "sd")
+    stock = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", safety_checker=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    own_memory(stock)
+    ours, info = open_expert(expert_dir)
+    stock.scheduler = type(ours.scheduler).from_config(ours.scheduler.config)
+    return stock, ours, info
+
+
 def test_a_dora_expert_loads_in_plain_diffusers_with_identical_output(tmp_path):
     """DoRA (PEFT ``use_dora``): the expert holds a magnitude vector per adapted layer beside
     the LoRA matrices, and StableDiffusionPipeline.load_lora_weights renders exactly what
     dreamfleet's expert pipeline does."""
-    from diffusers import StableDiffusionPipeline
 
     cfg = fast_config(steps=4, learning_rate=1e-2, use_dora=True, with_prior_preservation=False)
     r = train_subject(subject(), "tiny-random", cfg, tmp_path / "dora", class_cache=ClassImageCache(tmp_path / "c"),
@@ -85,12 +98,7 @@ def test_a_dora_expert_loads_in_plain_diffusers_with_identical_output(tmp_path):
     layers = {k.rsplit(".lora", 1)[0] for k in saved}
     assert magnitudes and len(magnitudes) == len(layers)  # one magnitude vector per adapted layer
     assert r.info.config["use_dora"] is True
-    load_base("tiny-random").save_pretrained(tmp_path / "sd")
-    stock = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", safety_checker=None, requires_safety_checker=False)
-    stock.set_progress_bar_config(disable=True)
-    own_memory(stock)
-    ours, info = open_expert(r.expert_dir)
-    stock.scheduler = type(ours.scheduler).from_config(ours.scheduler.config)
+    stock, ours, info = stock_and_ours(tmp_path, r.expert_dir)
     before = _render(stock, info.instance_prompt)
     stock.load_lora_weights(str(r.expert_dir))
     assert any(getattr(m, "use_dora", {}).get("default_0") or getattr(m, "use_dora", {}).get("default")
@@ -193,8 +201,6 @@ def test_kohya_export_loads_back_in_plain_diffusers_with_identical_output(tmp_pa
     (lora_unet_*, lora_te1_*, lora_down/lora_up and each layer's alpha, here the expert's 8, not
     the rank), which StableDiffusionPipeline.load_lora_weights converts back and renders exactly
     as it renders the expert's own file. What it cannot export is refused, saying why."""
-    from diffusers import StableDiffusionPipeline
-
     from dreamfleet.cli.main import main
     from dreamfleet.registry import Registry
 
@@ -210,12 +216,7 @@ def test_kohya_export_loads_back_in_plain_diffusers_with_identical_output(tmp_pa
     assert all(k.startswith(("lora_unet_", "lora_te1_")) for k in kohya), sorted(kohya)[:5]
     assert any(k.startswith("lora_te1_") for k in kohya) and any(".lora_down.weight" in k for k in kohya)
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
-    load_base("tiny-random").save_pretrained(tmp_path / "sd")
-    stock = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", safety_checker=None, requires_safety_checker=False)
-    stock.set_progress_bar_config(disable=True)
-    own_memory(stock)
-    ours, info = open_expert(r.expert_dir)
-    stock.scheduler = type(ours.scheduler).from_config(ours.scheduler.config)
+    stock, ours, info = stock_and_ours(tmp_path, r.expert_dir)
     before = _render(stock, info.instance_prompt)
     stock.load_lora_weights(str(out))
     theirs = _render(stock, info.instance_prompt)

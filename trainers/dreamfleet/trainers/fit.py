@@ -137,7 +137,7 @@ def tensorboard_hooks(prepared: Sequence[PreparedSubject], hooks: LoopHooks, *, 
     """``hooks`` with each subject's step metrics also written as TensorBoard scalars
     (``train/loss``, ``train/lr``, ``train/grad_norm``, ...) under its config's
     ``tensorboard_dir``/<subject>/ (rank 0 only), and the function that closes the writers."""
-    dirs = {p.subject.subject_id: p.cfg.tensorboard_dir for p in prepared if p.cfg.tensorboard_dir}
+    dirs = {p.subject.subject_id: d for p in prepared if (d := getattr(p.cfg, "tensorboard_dir", None))}
     if not dirs or not is_main:
         return hooks, lambda: None
     from tensorboardX import SummaryWriter

@@ -21,17 +21,18 @@ class Tty(io.StringIO):
         return True
 
 
-def progress(done=0, failed=0, training=1, pending=2):
-    return {"total": 4, "done": done, "failed": failed, "training": training, "pending": pending, "elapsed_s": 1.0}
+def progress(done=0, failed=0, training=1, pending=2, leased=("dog1",)):
+    return {"total": 4, "done": done, "failed": failed, "training": training, "pending": pending,
+            "leased": list(leased), "elapsed_s": 1.0}
 
 
 def test_lines_when_the_output_is_not_a_terminal():
     out, reg = io.StringIO(), Registry()
     console = RunConsole(reg, {"dog1": 100}, enabled=True, stream=out, every_s=0.0)
-    console.update(progress(), ["dog1"])
-    console.update(progress(), ["dog1"])  # nothing changed: no new line
+    console.update(progress())
+    console.update(progress())  # nothing changed: no new line
     reg.states["dog1"] = SubjectState("dog1", "training", step=90, loss=0.05)
-    console.update(progress(done=1, training=1, pending=1), ["dog1"])
+    console.update(progress(done=1, training=1, pending=1))
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and all(line.startswith("progress: ") for line in lines)
     assert "0/4 subjects finished (0 done, 0 failed), 1 training, 2 queued" in lines[0]
@@ -42,9 +43,9 @@ def test_lines_when_the_output_is_not_a_terminal():
 def test_lines_wait_for_the_interval_except_the_last():
     out = io.StringIO()
     console = RunConsole(Registry(), {"dog1": 100}, enabled=True, stream=out, every_s=3600)
-    console.update(progress(), ["dog1"])
-    console.update(progress(done=1, training=0, pending=2), [])  # within the interval: skipped
-    console.update(progress(done=4, training=0, pending=0), [], final=True)
+    console.update(progress())
+    console.update(progress(done=1, training=0, pending=2, leased=()))  # within the interval: skipped
+    console.update(progress(done=4, training=0, pending=0, leased=()), final=True)
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and "4/4 subjects finished (4 done, 0 failed)" in lines[1]
 
@@ -52,16 +53,16 @@ def test_lines_wait_for_the_interval_except_the_last():
 def test_a_terminal_gets_a_table_redrawn_in_place():
     out, reg = Tty(), Registry()
     console = RunConsole(reg, {"dog1": 100}, enabled=True, stream=out)
-    console.update(progress(), ["dog1"])
+    console.update(progress())
     first = out.getvalue()
     assert "subject" in first and "ETA" in first and "dog1" in first and "40" in first and "\x1b[" not in first
     reg.states["dog1"] = SubjectState("dog1", "training", step=60, loss=0.1)
-    console.update(progress(), ["dog1"])
+    console.update(progress())
     redraw = out.getvalue()[len(first):]
     assert redraw.startswith("\x1b[3F\x1b[J") and "60" in redraw  # back up 3 lines (counts, header, row)
 
 
 def test_disabled_prints_nothing():
     out = io.StringIO()
-    RunConsole(Registry(), {}, enabled=False, stream=out).update(progress(), ["dog1"], final=True)
+    RunConsole(Registry(), {}, enabled=False, stream=out).update(progress(), final=True)
     assert out.getvalue() == ""

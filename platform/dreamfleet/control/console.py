@@ -32,10 +32,11 @@ class RunConsole:
         self.seen: dict[str, tuple[float, int]] = {}  # subject -> (when first seen training, its step then)
         self._drawn, self._last_line, self._last_t = 0, "", 0.0
 
-    def update(self, progress: dict[str, Any], training: list[str], *, final: bool = False) -> None:
+    def update(self, progress: dict[str, Any], *, final: bool = False) -> None:
+        """Show the queue's ``progress()``: its counts, and its ``leased`` subjects' rows."""
         if not self.enabled or not (self.tty or final or time.monotonic() - self._last_t >= self.every_s):
             return
-        rows = [self._row(sid) for sid in training]
+        rows = [self._row(sid) for sid in progress.get("leased", [])]
         if self.tty:
             self._draw([self._counts(progress), *(self._table(rows) if rows else [])])
             return

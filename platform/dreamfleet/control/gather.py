@@ -106,13 +106,6 @@ def real_images(registry, subject_id: str, version: str):
     return [Image.open(f).convert("RGB") for f in files], info, folder
 
 
-def _ray_node() -> str:
-    """The Ray node this renderer runs on (recorded with each render), or '' outside Ray."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-
-
 def _png(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -136,7 +129,9 @@ class ExpertRenderer:
         self.scorer = make_fidelity(self.c.scorer, dino_model=self.c.dino_model, clip_model=self.c.clip_model,
                                     device=self.device)
         self.bases: dict[str, tuple[Any, Any]] = {}
-        self.node = _ray_node()
+        from dreamfleet.trainers.runtime import ray_node
+
+        self.node = ray_node() or ""  # recorded with each render ('' outside Ray)
 
     def _base(self, spec: str) -> tuple[Any, Any]:
         """(base model, its pipeline on the device), loaded once per base."""

@@ -197,7 +197,7 @@ def _run_groups(manifest_uri, registry, base_model, configs, fan: FanoutConfig, 
     console = RunConsole(registry, {sid: c.steps for sid, c in configs.items()}, enabled=progress)
 
     def show(final: bool = False) -> None:
-        console.update(ray.get(queue.progress.remote()), ray.get(queue.training.remote()), final=final)
+        console.update(ray.get(queue.progress.remote()), final=final)
 
     try:
         for _ in range(1 + fan.max_retries):  # relaunch groups while retriable work remains

@@ -76,16 +76,13 @@ class SubjectQueue:
         return "failed"
 
     def progress(self) -> dict[str, Any]:
-        """Counts only: the driver polls this every second, and lists of 100,000 ids would be
-        megabytes per call."""
+        """Counts, and the subjects leased now (at most the groups' packs): the driver polls
+        this every second, and lists of 100,000 done or pending ids would be megabytes per call."""
+        leased = [sid for sids in self.leases.values() for sid in sids]
         return {
             "total": self.total, "done": len(self.done), "failed": len(self.failed), "pending": len(self.pending),
-            "training": sum(len(sids) for sids in self.leases.values()), "elapsed_s": time.time() - self.started,
+            "training": len(leased), "leased": leased, "elapsed_s": time.time() - self.started,
         }
-
-    def training(self) -> list[str]:
-        """The subjects leased to a group now."""
-        return [sid for sids in self.leases.values() for sid in sids]
 
     def pending_subjects(self) -> list[str]:
         return list(self.pending)

@@ -138,29 +138,27 @@ def read_expert(folder: str | Path, base: Any, info: ExpertInfo | None = None) -
     folder = Path(folder)
     info = info or ExpertInfo.read(folder)
     if info.method in ("lora", "profusion"):
-        from safetensors.torch import load_file
-
         extra = None
         if info.method == "profusion":
             from dreamfleet.core.profusion import ProFusionWeights
 
             extra = ProFusionWeights.read(folder, base)
-        lora = fold_lora_scale(load_file(str(folder / LORA_WEIGHTS)), folder / LORA_WEIGHTS)
-        return ExpertWeights(info, lora=lora, profusion=extra)
+        return ExpertWeights(info, lora=read_lora(folder / LORA_WEIGHTS), profusion=extra)
     modules = base.modules()
     names = [n for n in modules if n != "vae" and (n == base.kind.denoiser or (folder / n).is_dir())]
     return ExpertWeights(info, components={n: _component(type(modules[n]), folder / n) for n in names})
 
 
-def fold_lora_scale(state: dict[str, Any], file: Path) -> dict[str, Any]:
-    """diffusers takes each adapter's ``lora_alpha`` from the file's metadata, which a state
-    dict in memory does not carry (``load_lora_weights(dict)`` takes alpha = rank). So the
-    scale ``alpha / rank`` is folded into the up-projections here, and the adapter loaded from
-    memory computes what the file does."""
+def read_lora(file: Path) -> dict[str, Any]:
+    """A LoRA file's tensors, ready to load from memory. diffusers takes each adapter's
+    ``lora_alpha`` from the file's metadata, which a state dict in memory does not carry
+    (``load_lora_weights(dict)`` takes alpha = rank). So the scale ``alpha / rank`` is folded
+    into the up-projections here, and the adapter loaded from memory computes what the file does."""
     from safetensors import safe_open
 
     with safe_open(str(file), "pt") as f:
         meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     scales = {}
     for component in {k.split(".", 1)[0] for k in meta}:
         if meta.get(f"{component}.alpha_pattern") or meta.get(f"{component}.rank_pattern"):

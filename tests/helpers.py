@@ -239,3 +239,37 @@ def manifest_with_a_broken_subject(root: Path) -> str:
     data[start:start + 64] = bytes(64)
     shard.write_bytes(bytes(data))
     return str(out)
+
+
+# --------------------------------------------------------------------------- best-step scorers (plugins)
+
+SCRIPT: dict[str, list[float]] = {"subject": [], "prompt": []}
+
+
+class ScriptedScorer:
+    """A best-step scorer whose scores come, one evaluation at a time, from ``SCRIPT``
+    (``select_scorer="helpers:ScriptedScorer"``): each call takes the next value."""
+
+    def __init__(self, **_):
+        pass
+
+    def subject(self, generated, real):
+        return [SCRIPT["subject"].pop(0)] * len(generated)
+
+    def prompt(self, generated, prompts):
+        return [SCRIPT["prompt"].pop(0)] * len(generated)
+
+
+class PixelScorer:
+    """A deterministic best-step scorer from the pixels: subject is minus the mean distance to
+    the photos' mean colour, prompt a constant (every step qualifies)."""
+
+    def __init__(self, **_):
+        pass
+
+    def subject(self, generated, real):
+        target = np.mean([np.asarray(im, dtype=np.float32).mean((0, 1)) for im in real], 0)
+        return [-float(np.abs(np.asarray(im, dtype=np.float32).mean((0, 1)) - target).mean()) for im in generated]
+
+    def prompt(self, generated, prompts):
+        return [1.0] * len(generated)

@@ -64,6 +64,7 @@ class ExpertInfo:
     tenant: str | None = None
     source: str | None = None
     train_stats: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] | None = None  # best-step selection: rule, scores per evaluated step, chosen step
     schema_version: int = EXPERT_SCHEMA_VERSION
 
     def prompt(self, template: str) -> str:

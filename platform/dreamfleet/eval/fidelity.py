@@ -65,3 +65,17 @@ def make_fidelity(scorer: str, *, dino_model: str | None = None, clip_model: str
             raise ConfigError("--scorer dino needs --dino-model (a local DINO ViT folder, e.g. dino-vits16)")
         return ModelFidelity(dino_model, clip_model, device)
     raise ConfigError(f"unknown scorer {scorer!r}; use 'toy' (toy world) or 'dino' (real models)")
+
+
+def toy_scorer(**_: object) -> ToyFidelity:
+    """Best-step selection's ``toy`` scorer (entry point ``dreamfleet.scorers``): the shipped judge."""
+    return ToyFidelity()
+
+
+def dino_scorer(*, dino_model: str | None = None, clip_model: str | None = None, device: str = "cpu",
+                **_: object) -> ModelFidelity:
+    """Best-step selection's ``dino`` scorer: DINO for the subject, CLIP-T for the prompt."""
+    if not dino_model or not clip_model:
+        raise ConfigError("select_scorer dino needs --select-dino-model (a local DINO ViT folder) and "
+                          "--select-clip-model (a local CLIP folder, for prompt fidelity)")
+    return ModelFidelity(dino_model, clip_model, device)

@@ -175,6 +175,43 @@ class FlowConfig:
 
 
 @dataclass(frozen=True)
+class SelectionConfig:
+    """The best-step section: score the model every N steps while it trains (fixed-seed images
+    of the subject's prompts, scored for subject similarity and prompt fidelity) and publish the
+    best step, not the last. The rule: the highest subject similarity among the evaluated steps
+    whose prompt fidelity is at least ``select_prompt_bar`` of the base model's."""
+
+    select_every: int = cfg(0, "evaluate every N steps and publish the best step by the rule (0: off; the last "
+                               "step is published)")
+    select_scorer: str | None = cfg(None, "what scores the images: toy (the toy judge), dino (DINO for the subject, "
+                                          "CLIP-T for the prompt: --select-dino-model, --select-clip-model), or "
+                                          "a plugin 'package.module:factory'")
+    select_dino_model: str | None = cfg(None, "select_scorer=dino: local folder of a DINO ViT")
+    select_clip_model: str | None = cfg(None, "select_scorer=dino: local folder of a CLIP model (prompt fidelity)")
+    select_prompt_bar: float = cfg(0.85, "a step qualifies when its prompt fidelity is at least this times the base "
+                                         "model's")
+    select_patience: int = cfg(0, "early stop: end training when the best qualifying score has not improved for M "
+                                  "evaluations (0: train every step)")
+    select_images: int = cfg(2, "images per prompt at each evaluation (fixed noise seeds, the same at every step)")
+    select_inference_steps: int = cfg(25, "denoising steps of the evaluation images")
+    select_guidance_scale: float | None = cfg(None, "guidance of the evaluation images (default: the pipeline's)")
+    select_prompts: list[str] | None = cfg(None, "evaluation prompts, {identifier} / {class_noun} (or {0} / {1}) "
+                                                 "filled in (default: the subject's manifest prompts, else the "
+                                                 "validation prompts)")
+
+    def check_selection(self) -> None:
+        _at_least(self, 0, "select_every", "select_patience")
+        _at_least(self, 1, "select_images", "select_inference_steps")
+        if not 0 <= self.select_prompt_bar <= 1:
+            raise ConfigError(f"config field 'select_prompt_bar' must be in [0, 1], got {self.select_prompt_bar}")
+        if self.select_every and not self.select_scorer:
+            raise ConfigError("select_every needs select_scorer: toy (toy world), dino (real models, with "
+                              "--select-dino-model and --select-clip-model) or a plugin 'package.module:factory'")
+        if self.select_patience and not self.select_every:
+            raise ConfigError("select_patience stops on evaluation scores: set select_every too")
+
+
+@dataclass(frozen=True)
 class MemoryConfig:
     """The memory section for large bases: what is kept on the accelerator while training."""
 
@@ -195,13 +232,14 @@ class ProFusionSection:
 
 # Fields added after experts and checkpoints were first written: a record without one had its
 # default, so resuming such a checkpoint with the default is no change.
-ADDED_FIELDS = {f.name: f.default for section in (NoiseConfig, FlowConfig, MemoryConfig, ProFusionSection)
+ADDED_FIELDS = {f.name: f.default for section in (NoiseConfig, FlowConfig, SelectionConfig, MemoryConfig,
+                                                                  ProFusionSection)
                 for f in fields(section)}
 ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0, tensorboard_dir=None)
 
 
 @dataclass(frozen=True)
-class TrainConfig(ProFusionSection, MemoryConfig, FlowConfig, NoiseConfig, ValidationConfig, DataConfig, AdapterConfig,
+class TrainConfig(ProFusionSection, MemoryConfig, SelectionConfig, FlowConfig, NoiseConfig, ValidationConfig, DataConfig, AdapterConfig,
                   PriorConfig, LoopConfig, OptimizerConfig):
     """How one subject is fine-tuned: its sections (optimizer, loop, prior preservation, adapter,
     data, validation), each taken as it is by what uses it (the loop takes the config as its
@@ -217,13 +255,15 @@ class TrainConfig(ProFusionSection, MemoryConfig, FlowConfig, NoiseConfig, Valid
 
     def __post_init__(self) -> None:
         for check in (self.check_optimizer, self.check_loop, self.check_prior, self.check_adapter,
-                      self.check_data, self.check_validation, self.check_noise, self.check_flow):
+                      self.check_data, self.check_validation, self.check_noise, self.check_flow, self.check_selection):
             check()
         if self.method == "profusion" and (self.train_text_encoder or self.quantize_base != "no"):
             raise ConfigError("method=profusion trains PromptNet and the UNet's q/k/v: no --train-text-encoder "
                               "or --quantize-base")
         if self.quantize_base != "no" and self.method != "lora":
             raise ConfigError(f"quantize_base={self.quantize_base!r} keeps the base frozen: it needs method=lora")
+        if self.select_every and self.method == "profusion":
+            raise ConfigError("select_every chooses a DreamBooth step; method=profusion customises in a few steps")
         if self.lr_warmup_steps > self.steps:
             raise ConfigError(f"lr_warmup_steps ({self.lr_warmup_steps}) exceeds steps ({self.steps})")
 

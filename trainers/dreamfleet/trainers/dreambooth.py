@@ -53,6 +53,7 @@ class SubjectData:
     source: str | None = None
     image_names: list[str] | None = None
     captions: list[str | None] | None = None  # one per image (given only when a run trains on captions)
+    prompts: list[str] | None = None  # evaluation prompt templates (the manifest's), for best-step selection
 
     def input_hash(self) -> str:
         """Hash of the normalised pixels (and of each one's caption when there are captions),
@@ -466,9 +467,14 @@ def save_validation_grid(p: PreparedSubject, work: Path, step: int, *, write: bo
 
 
 @torch.no_grad()
-def validation_images(p: PreparedSubject, prompts: list[str] | None = None, *, seed: int | None = None) -> list[Image.Image]:
-    """Images of the current (partly trained) model, one row of ``num_validation_images`` per prompt."""
+def validation_images(p: PreparedSubject, prompts: list[str] | None = None, *, seed: int | None = None,
+                      n: int | None = None, steps: int | None = None,
+                      guidance_scale: float | None = None) -> list[Image.Image]:
+    """Images of the current (partly trained) model, a row of ``n`` (default
+    ``num_validation_images``) per prompt; image j of prompt i has noise seed
+    ``seed + 1000 i + j``, the same at every step."""
     cfg = p.cfg
+    n, steps = n or cfg.num_validation_images, steps or cfg.validation_inference_steps
     fill = {"identifier": p.identifier, "class_noun": p.subject.class_noun}
     prompts = [t.format(**fill) for t in (prompts or cfg.validation_prompts)]
     pipe = p.base.pipeline()
@@ -477,12 +483,13 @@ def validation_images(p: PreparedSubject, prompts: list[str] | None = None, *, s
     denoiser.eval()
     images = []
     gen_device = p.device if p.device.type == "cuda" else "cpu"
+    guidance = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
     for i, prompt in enumerate(prompts):
         gens = [torch.Generator(gen_device).manual_seed((seed if seed is not None else cfg.seed) + 1000 * i + j)
-                for j in range(cfg.num_validation_images)]
+                for j in range(n)]
         with text_encoders_on(p), torch.autocast(p.device.type, dtype=p.autocast_dtype, enabled=p.autocast_dtype is not None):
-            images += pipe([prompt] * cfg.num_validation_images, height=cfg.resolution, width=cfg.resolution,
-                           num_inference_steps=cfg.validation_inference_steps, generator=gens).images
+            images += pipe([prompt] * n, height=cfg.resolution, width=cfg.resolution, num_inference_steps=steps,
+                           generator=gens, **guidance).images
     denoiser.train(was_training)
     return images
 
@@ -510,6 +517,7 @@ def publish_expert(
     unet_state: dict[str, torch.Tensor] | None = None,
     unet_lora: LoraWeights | None = None,
     extra_stats: dict | None = None,
+    selection: dict | None = None,
 ) -> ExpertInfo:
     """Write the expert folder atomically: weights, expert.json, validation grids, instance photos.
 
@@ -527,6 +535,7 @@ def publish_expert(
             thumb.thumbnail((256, 256))
             thumb.save(tmp / "instance" / f"{i:02d}.png")
         info = _expert_info(p, result, weights, wall_time_s, extra_stats)
+        info.selection = selection
         write_json(tmp / "loss_history.json", result.history)
         write_json(tmp / EXPERT_FILE, info.to_dict())
     return info

@@ -46,6 +46,7 @@ from dreamfleet.trainers.packing import (
     subject_result,
 )
 from dreamfleet.trainers.parallelize import DeepSpeedEngine, DistContext, build_engine
+from dreamfleet.trainers.select import Selector, selector_for
 
 
 @dataclass
@@ -70,6 +71,7 @@ class _Setup:
     on_validation: Callable[[int], None]
     config: dict[str, Any]
     packed: Any = None  # the PackedLoRA of a packed run
+    selector: Selector | None = None  # best-step selection of a solo run
 
 
 def prepare_any(subject: SubjectData, base: BaseModel | str, cfg: TrainConfig, *,
@@ -96,14 +98,15 @@ def _setup_profusion(p: Any, o: FitOptions) -> _Setup:
                   to_dict(p.cfg))
 
 
-def _publish(p: Any, r, out: Path, work: Path, *, wall: float, opts: FitOptions, unet_state, unet_lora, stats):
+def _publish(p: Any, r, out: Path, work: Path, *, wall: float, opts: FitOptions, unet_state, unet_lora, stats,
+             selection: dict | None = None):
     if _is_profusion(p):
         from dreamfleet.trainers.profusion import publish_profusion_expert
 
         return publish_profusion_expert(p, p.pinfo, p.subject, r, out, wall_time_s=wall, overwrite=opts.overwrite,
                                         extra_stats=stats)
     return publish_expert(p, r, out, work, wall_time_s=wall, overwrite=opts.overwrite, unet_state=unet_state,
-                          unet_lora=unet_lora, extra_stats=stats)
+                          unet_lora=unet_lora, extra_stats=stats, selection=selection)
 
 
 def _setup_solo(p: PreparedSubject, work: Path, o: FitOptions) -> _Setup:
@@ -115,14 +118,18 @@ def _setup_solo(p: PreparedSubject, work: Path, o: FitOptions) -> _Setup:
     settings = loop_settings(p, progress=o.progress and o.dist.is_main)
     engine = build_engine(objective, settings, o.dist, o.zero_stage, o.offload)
     write = o.dist.is_main  # every rank renders (ZeRO-3 forwards are collective); rank 0 writes
+    selector = selector_for(p, objective, engine, world_size=o.dist.world_size, zero_stage=o.zero_stage)
     return _Setup(objective, settings, engine, lambda step: save_validation_grid(p, work, step, write=write),
-                  to_dict(p.cfg))
+                  to_dict(p.cfg), selector=selector)
 
 
 def _setup_packed(prepared: Sequence[PreparedSubject], works: Sequence[Path], o: FitOptions) -> _Setup:
     if o.dist.world_size > 1 or o.zero_stage or o.offload:
         raise ConfigError("a packed run trains on one process without DeepSpeed: pack with --workers-per-subject 1 "
                           "and no --zero-stage or --offload")
+    if selecting := [p.subject.subject_id for p in prepared if p.cfg.select_every]:
+        raise ConfigError(f"subjects {', '.join(selecting)}: select_every stops each subject at its own step, and a "
+                          "packed run trains its subjects in lockstep; train them with --pack 1")
     packed = setup_packed(prepared)
     objective = packed_objective(prepared, packed)
     free_text_encoders(prepared[0])
@@ -152,7 +159,8 @@ def tensorboard_hooks(prepared: Sequence[PreparedSubject], hooks: LoopHooks, *, 
             own = {k.removeprefix(f"{sid}/"): v for k, v in metrics.items() if packed and k.startswith(f"{sid}/")}
             shared = {k: v for k, v in metrics.items() if "/" not in k and k not in own}
             for key, value in {**shared, **own}.items():
-                writer.add_scalar(f"train/{key}", value, step)
+                tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                writer.add_scalar(tag, value, step)
 
     def close() -> None:
         for writer in writers.values():
@@ -181,12 +189,14 @@ def fit(
     packed = len(prepared) > 1 if opts.packed is None else opts.packed
     s = _setup_packed(prepared, works, opts) if packed else _setup_solo(prepared[0], works[0], opts)
     hooks, close_tracking = tensorboard_hooks(prepared, hooks or LoopHooks(), packed=packed, is_main=opts.dist.is_main)
+    hooks = replace(hooks, on_validation=s.on_validation)
     try:
         result = run_loop(s.objective, s.settings, checkpoint_dir=opts.checkpoint_dir,
-                          hooks=replace(hooks, on_validation=s.on_validation), engine=s.engine,
+                          hooks=s.selector.hooks(hooks) if s.selector else hooks, engine=s.engine,
                           is_main=opts.dist.is_main, config=s.config, allow_config_change=opts.allow_config_change)
     finally:
         close_tracking()
+    selection = s.selector.finish(result.final_step) if s.selector else None
     unet_state = s.engine.full_unet_state() if isinstance(s.engine, DeepSpeedEngine) else None
     if not opts.dist.is_main:
         return []
@@ -198,7 +208,8 @@ def fit(
         stats = {**(extra_stats(i) if extra_stats else {}),
                  **({"packed": {"subjects": ids, "index": i}} if s.packed is not None else {})}
         info = _publish(p, r, out, work, wall=wall, opts=opts, unet_state=unet_state,
-                        unet_lora=s.packed.adapter(i) if s.packed is not None else None, stats=stats)
+                        unet_lora=s.packed.adapter(i) if s.packed is not None else None, stats=stats,
+                        selection=selection)
         published.append(TrainResult(expert_dir=out, info=info, loop=r))
     return published
 

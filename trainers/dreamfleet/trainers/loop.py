@@ -66,12 +66,18 @@ class LoopSettings:
 
 @dataclass
 class LoopHooks:
-    """Callbacks for the runtime (progress reports) and the trainer (validation images)."""
+    """Callbacks for the runtime (progress reports) and the trainer (validation images, best-step
+    selection). ``save_state(folder)`` writes the caller's own state into each checkpoint folder
+    before it is committed; ``load_state(folder)`` reads it back on resume; ``on_start(step)``
+    runs once before the first step (0, or the step resumed from)."""
 
     on_step: Callable[[int, dict[str, float]], None] | None = None
     on_validation: Callable[[int], None] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    on_start: Callable[[int], None] | None = None
+    save_state: Callable[[Path], None] | None = None
+    load_state: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -238,12 +244,15 @@ def list_checkpoints(checkpoint_dir: Path | None) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(checkpoint_dir: Path, step: int, engine: Engine, history: list[dict], *, is_main: bool = True,
-                    config: dict[str, Any] | None = None) -> Path:
+                    config: dict[str, Any] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint; ``state.json`` records the step, the loss history and the resolved
-    config the run trains with (as litgpt and nanoGPT keep it beside the weights)."""
+    config the run trains with (as litgpt and nanoGPT keep it beside the weights); ``extra``
+    writes the caller's own state into the folder (rank 0)."""
     final = checkpoint_dir / f"step-{step:08d}"
     with atomic_dir(final, overwrite=True) as tmp:
         engine.save(tmp, is_main=is_main)
+        if extra is not None and is_main:
+            extra(tmp)
         # Only rank 0 writes the shared files: a distributed runtime merges every rank's
         # checkpoint folder into one, and two ranks' state.json would collide there.
         if is_main:
@@ -295,9 +304,11 @@ def check_resume_config(path: Path, config: dict[str, Any] | None, *, allow_chan
     )
 
 
-def load_checkpoint(path: Path, engine: Engine) -> tuple[int, list[dict]]:
+def load_checkpoint(path: Path, engine: Engine, extra: Callable[[Path], None] | None = None) -> tuple[int, list[dict]]:
     state = read_json(path / "state.json")  # first: a corrupt checkpoint fails before touching weights
     engine.load(path)
+    if extra is not None:
+        extra(path)
     return int(state["step"]), list(state["history"])
 
 
@@ -339,7 +350,10 @@ def run_loop(
     """
     hooks = hooks or LoopHooks()
     engine = engine or LocalEngine(objective, s)
-    start, history, resumed_from = _resume(checkpoint_dir, engine, config, allow_config_change, s.description)
+    start, history, resumed_from = _resume(checkpoint_dir, engine, config, allow_config_change, s.description,
+                                           hooks.load_state)
+    if hooks.on_start is not None:
+        hooks.on_start(start)
     t0 = time.perf_counter()
     step_time = 0.0
     progress = _progress(s, start) if is_main else None
@@ -357,7 +371,8 @@ def run_loop(
         if hooks.on_step is not None:
             hooks.on_step(done, metrics)
         if checkpoint_dir is not None and _due(done, s.loop.checkpoint_every, s.loop.steps):
-            path = save_checkpoint(checkpoint_dir, done, engine, history, is_main=is_main, config=config)
+            path = save_checkpoint(checkpoint_dir, done, engine, history, is_main=is_main, config=config,
+                                   extra=hooks.save_state)
             prune_checkpoints(checkpoint_dir, s.loop.checkpoints_total_limit)
             if hooks.on_checkpoint is not None:
                 hooks.on_checkpoint(done, path)
@@ -380,12 +395,12 @@ def run_loop(
 
 
 def _resume(checkpoint_dir: Path | None, engine: Engine, config: dict[str, Any] | None, allow_change: bool,
-            what: str) -> tuple[int, list[dict], int | None]:
+            what: str, load_state: Callable[[Path], None] | None = None) -> tuple[int, list[dict], int | None]:
     """(start step, loss history, checkpoint step) of the newest readable checkpoint, or a fresh start."""
     for step_no, path in reversed(list_checkpoints(checkpoint_dir)):
         check_resume_config(path, config, allow_change=allow_change)
         try:
-            start, history = load_checkpoint(path, engine)
+            start, history = load_checkpoint(path, engine, load_state)
         except Exception as e:  # an unreadable checkpoint: fall back to the one before it
             log.warning("%s: checkpoint %s is unreadable (%s: %s); trying an older one", what, path, type(e).__name__, e)
             continue

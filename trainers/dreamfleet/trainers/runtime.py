@@ -194,7 +194,8 @@ def _prepare_leased(gc: GroupConfig, manifest, subject_id: str, base):
     samples = manifest.read_images(subject_id)
     captions = [meta.get("caption") for _, _, meta in samples] if gc.configs[subject_id].captions else None
     subject = SubjectData(subject_id, record.class_noun, [im for _, im, _ in samples], identifier=record.identifier,
-                          tenant=record.tenant, source=f"{gc.manifest}#{subject_id}", captions=captions)
+                          tenant=record.tenant, source=f"{gc.manifest}#{subject_id}", captions=captions,
+                          prompts=list(record.eval_prompts) or None)
     cache = ClassImageCache(gc.class_cache) if gc.class_cache else None
     return prepare_any(subject, base, gc.configs[subject_id], class_cache=cache)
 

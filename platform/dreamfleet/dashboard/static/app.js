@@ -80,16 +80,17 @@ function niceTicks(lo, hi, n = 5) {
   return out;
 }
 
-function lossChart(points, series, w = 640, h = 280) {
+function lossChart(points, series, w = 640, h = 280, opt = {}) {
   const used = series.filter(s => points.some(p => p[s] != null));
   if (!points.length || !used.length) return `<p class="muted">No losses to plot yet.</p>`;
   const m = { l: 52, r: 12, t: 10, b: 30 };
   const xs = points.map(p => p.step), vals = [];
   used.forEach(s => points.forEach(p => { if (p[s] != null) vals.push(p[s]); }));
+  if (opt.hline != null) vals.push(opt.hline.y);
   let x0 = Math.min(...xs), x1 = Math.max(...xs); if (x0 === x1) { x0 -= 1; x1 += 1; }
   let y0 = Math.min(...vals), y1 = Math.max(...vals); const pad = (y1 - y0) * 0.05 || Math.abs(y1) * 0.1 || 1; y0 -= pad; y1 += pad;
   const X = x => m.l + (x - x0) * (w - m.l - m.r) / (x1 - x0), Y = y => h - m.b - (y - y0) * (h - m.t - m.b) / (y1 - y0);
-  let svg = `<svg class="chart loss-curve" viewBox="0 0 ${w} ${h}" role="img" aria-label="loss curve">`;
+  let svg = `<svg class="chart ${opt.cls || "loss-curve"}" viewBox="0 0 ${w} ${h}" role="img" aria-label="${opt.aria || "loss curve"}">`;
   svg += `<g class="grid">`;
   niceTicks(y0, y1).forEach(t => { svg += `<line x1="${m.l}" x2="${w - m.r}" y1="${Y(t)}" y2="${Y(t)}"/><text x="${m.l - 6}" y="${Y(t) + 4}" text-anchor="end">${+t.toPrecision(3)}</text>`; });
   niceTicks(x0, x1, 6).filter(t => Number.isInteger(t)).forEach(t => { svg += `<text x="${X(t)}" y="${h - m.b + 16}" text-anchor="middle">${t}</text>`; });
@@ -100,9 +101,25 @@ function lossChart(points, series, w = 640, h = 280) {
     svg += `<polyline class="s-${s}" data-series="${s}" data-points="${pts.length}" points="${pts.map(p => `${X(p.step).toFixed(1)},${Y(p[s]).toFixed(1)}`).join(" ")}"/>`;
     if (dots) pts.forEach(p => { svg += `<circle class="p-${s}" cx="${X(p.step).toFixed(1)}" cy="${Y(p[s]).toFixed(1)}" r="2"><title>${s} step ${p.step}: ${fmtNum(p[s])}</title></circle>`; });
   });
+  if (opt.hline != null) svg += `<line class="bar-line" x1="${m.l}" x2="${w - m.r}" y1="${Y(opt.hline.y).toFixed(1)}" y2="${Y(opt.hline.y).toFixed(1)}"><title>${esc(opt.hline.label)}</title></line>`;
+  if (opt.mark != null) svg += `<line class="chosen-step" data-step="${opt.mark}" x1="${X(opt.mark).toFixed(1)}" x2="${X(opt.mark).toFixed(1)}" y1="${m.t}" y2="${h - m.b}"><title>chosen step ${opt.mark}</title></line>
+    <text class="chosen-label" x="${(X(opt.mark) + 4).toFixed(1)}" y="${m.t + 12}">chosen: step ${opt.mark}</text>`;
   svg += `</svg>`;
-  const names = { loss: "total loss", loss_instance: "instance loss", loss_prior: "prior loss" };
+  const names = { loss: "total loss", loss_instance: "instance loss", loss_prior: "prior loss", ...(opt.names || {}) };
   return svg + `<div class="legend">${used.map(s => `<span><b class="k-${s}"></b>${names[s] || s}</span>`).join("")}</div>`;
+}
+
+// The scores of best-step selection over the evaluated steps, the prompt-fidelity bar and the chosen step.
+function selectionChart(sel) {
+  const base = sel.base || {}, points = [{ step: base.step || 0, subject: base.subject, prompt: base.prompt }, ...(sel.scores || [])];
+  const bar = base.prompt != null ? { y: base.prompt * sel.prompt_bar, label: `prompt-fidelity bar: ${sel.prompt_bar} of the base model's` } : null;
+  const chart = lossChart(points, ["subject", "prompt"], 640, 240, { cls: "selection-curve", aria: "best-step scores", mark: sel.chosen_step, hline: bar,
+    names: { subject: "subject similarity", prompt: "prompt fidelity" } });
+  const chosen = (sel.scores || []).find(x => x.step === sel.chosen_step);
+  const facts = [["Chosen step", sel.chosen_step ?? "–"], ["Subject similarity", chosen ? fmtNum(chosen.subject) : "–"],
+    ["Prompt fidelity ÷ base", chosen ? fmtNum(chosen.prompt_ratio) : "–"], ["Trained to", `${sel.final_step}${sel.stopped_early ? " (early stop)" : ""}`],
+    ["Scorer", sel.scorer], ["Evaluation time", fmtDur(sel.eval_seconds)]].map(([k, v]) => `<dt>${k}</dt><dd>${esc(v)}</dd>`).join("");
+  return `${chart}<dl class="kv">${facts}</dl><p class="note">${esc(sel.rule)}${sel.fallback ? " — no step reached the bar: fallback" : ""}</p>`;
 }
 
 function progressBar(counts, total) {
@@ -255,12 +272,13 @@ const views = {
         ${d.images.validation_all > 2 ? `<p class="note">${d.images.validation_all} grids in all; the last two are shown.</p>` : ""}</div></div>` : "";
       const evaluation = d.evaluation ? `<dl class="kv">${Object.entries(d.evaluation).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(typeof v === "number" ? fmtNum(v) : JSON.stringify(v))}</dd>`).join("")}</dl>`
         : `<p class="muted">No evaluation yet (<code>dreamfleet eval</code> results stored with the expert appear here).</p>`;
+      const selection = e && e.selection ? `<div class="panel" id="selection"><h2>Best step</h2>${selectionChart(e.selection)}</div>` : "";
       view.innerHTML = `<div class="crumbs"><a href="#/subjects">Subjects</a> / ${esc(d.subject)}</div>
         <div class="row"><h1>${esc(d.subject)} ${st ? badge(st.state) : ""}</h1><span class="spacer"></span>${versions}</div>
         ${d.message ? `<div class="panel error" id="subject-message">${esc(d.message)}</div>` : ""}${err}
         <div class="grid2"><div class="panel"><h2>Loss curve</h2>${lossChart(d.curve.points, ["loss", "loss_instance", "loss_prior"])}<p class="note">${esc(d.curve.source)}</p></div>
         <div class="panel"><h2>Expert ${esc(d.version || "")}</h2><dl class="kv">${stateFacts}${facts}</dl></div></div>
-        ${images}
+        ${selection}${images}
         <div class="grid2"><div class="panel"><h2>Evaluation</h2>${evaluation}</div>
         <div class="panel"><h2>Config used</h2>${d.config ? `<pre class="config">${esc(JSON.stringify(d.config, null, 2))}</pre>` : `<p class="muted">no expert yet</p>`}</div></div>`;
       const sel = $("#version");

@@ -37,9 +37,9 @@ def train_config(label: str, a: argparse.Namespace):
     from dreamfleet.eval.microbench import microbench_train_config
 
     cfg = microbench_train_config(with_prior_preservation=True, steps=a.fixed_steps)
-    if label == "selected":
+    if label.startswith("selected"):
         cfg = replace(cfg, steps=a.max_steps, select_every=a.every, select_scorer="toy", select_patience=a.patience,
-                      select_images=2, select_inference_steps=25, select_guidance_scale=4.0)
+                      select_images=a.images, select_inference_steps=25, select_guidance_scale=4.0)
     return cfg
 
 
@@ -100,7 +100,8 @@ def compute(r) -> dict:
 
 def report(out: Path) -> str:
     rows = {label: [json.loads(x) for x in (out / f"{label}.jsonl").open()]
-            for label in ("base", "fixed", "selected") if (out / f"{label}.jsonl").exists()}
+            for label in ("base", "fixed", "selected", *(p.stem for p in sorted(out.glob("selected-*.jsonl"))))
+            if (out / f"{label}.jsonl").exists()}
     base = {r["subject"]: r for r in rows.get("base", [])}
     lines = ["| recipe | subject fidelity ↑ | subject similarity ↑ | prompt fidelity (÷ base) | novel contexts (÷ base) "
              "| class drift ↓ | steps trained | + evaluation | = step-equivalents |", "| --- " * 9 + "|"]
@@ -117,7 +118,7 @@ def report(out: Path) -> str:
     lines += ["", "| subject | recipe | chosen / trained | subject fidelity | subject similarity | prompt fidelity "
               "| class drift |", "| --- " * 7 + "|"]
     for sid in base or {r["subject"] for rs in rows.values() for r in rs}:
-        for label in ("fixed", "selected"):
+        for label in [x for x in rows if x != "base"]:
             r = next((x for x in rows.get(label, []) if x["subject"] == sid), None)
             if r:
                 lines.append(f"| {sid} | {label} | {r['chosen_step']} / {r['steps_trained']}"
@@ -129,12 +130,14 @@ def report(out: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/best-step"))
-    ap.add_argument("--labels", default="base,fixed,selected", help="base, fixed, selected (comma-separated)")
+    ap.add_argument("--labels", default="base,fixed,selected",
+                    help="base, fixed, selected or selected-<name> (comma-separated)")
     ap.add_argument("--subjects", default="", help="toy subject ids (default: all 8)")
     ap.add_argument("--fixed-steps", type=int, default=1200)
     ap.add_argument("--max-steps", type=int, default=2400)
     ap.add_argument("--every", type=int, default=200)
     ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--images", type=int, default=2, help="images per prompt at each selection evaluation")
     ap.add_argument("--report", action="store_true", help="print the table of the finished runs")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")

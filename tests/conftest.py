@@ -35,7 +35,9 @@ def init_local_ray() -> None:
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1",
-                 namespace="dreamfleet", runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+                 namespace="dreamfleet",
+                 # tests/ on the workers' path: a test's plugins (helpers' best-step scorers) load there too
+                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONPATH": str(Path(__file__).parent)}})
 
 
 @pytest.fixture(scope="session")

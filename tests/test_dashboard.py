@@ -224,7 +224,9 @@ def test_a_real_run_and_serving_in_chromium(ray_local, manifest, tmp_path, brows
         page.goto(url)
         page.wait_for_selector("text=No runs in this registry yet")
         result: dict = {}
-        cfg = fast_config(steps=12, validation_every=6, num_validation_images=2, checkpoint_every=0)
+        # best-step selection every 4 steps, scored by a test plugin loaded on the Ray workers
+        cfg = fast_config(steps=12, validation_every=6, num_validation_images=2, checkpoint_every=0, select_every=4,
+                          select_scorer="helpers:PixelScorer", select_images=1, select_inference_steps=2)
         # class images ready (the page is watched for the run's subjects, not its class images)
         fan = FanoutConfig(class_cache=prefilled_class_cache(tmp_path / "class-images", cfg))
         run = threading.Thread(target=lambda: result.update(s=run_fanout(
@@ -273,6 +275,11 @@ def test_a_real_run_and_serving_in_chromium(ray_local, manifest, tmp_path, brows
         assert page.locator("svg.loss-curve circle").count() == 36
         page.wait_for_function("() => [...document.querySelectorAll('#view img')].every(i => i.complete && i.naturalWidth > 0)")
         assert page.locator("#instance-images img").count() == 3 and page.locator("#validation-images img").count() == 2
+        # the best-step chart: subject and prompt scores at steps 0 (the base), 4, 8 and 12, the chosen step marked
+        chosen = Registry(reg_uri).expert_info("dog1").selection["chosen_step"]
+        assert int(page.get_attribute("svg.selection-curve polyline[data-series='subject']", "data-points")) == 4
+        assert int(page.get_attribute("svg.selection-curve line.chosen-step", "data-step")) == chosen
+        assert f"chosen: step {chosen}" in page.inner_text("#selection")
         assert not errors, errors
         page.screenshot(path=str(artifacts_dir / "dashboard-subject.png"), full_page=True)
 

@@ -142,3 +142,23 @@ def test_the_toy_judge_scores_a_toy_expert(tmp_path):
     assert 0 < sel["base"]["prompt"] <= 1 and -1 <= sel["base"]["subject"] <= 1
     assert all(0 < s["prompt"] <= 1 for s in sel["scores"])
     json.dumps(sel)  # what the registry and the dashboard read
+
+
+def test_mlflow_gets_each_subjects_config_losses_and_scores(tmp_path):
+    """``--mlflow-tracking-uri`` (a local file store here): a run per subject with the resolved
+    config as parameters, the loop's losses per step and the selection scores."""
+    from mlflow.tracking import MlflowClient
+
+    script([0.1, 0.3, 0.6, 0.9], [1.0, 0.95, 0.9, 0.5])
+    uri = (tmp_path / "mlruns").as_uri()
+    r = train_subject(subject(), "tiny-random", config(mlflow_tracking_uri=uri, mlflow_experiment="dogs"),
+                      tmp_path / "sel", class_cache=ClassImageCache(tmp_path / "c"), progress=False)
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dogs").experiment_id])
+    assert run.info.run_name == "sel0" and run.info.status == "FINISHED"
+    assert run.data.params["learning_rate"] == "0.001" and run.data.params["select_every"] == "2"
+    assert run.data.tags["dreamfleet.subject"] == "sel0"
+    losses = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(losses) == [(h["step"], pytest.approx(h["loss"])) for h in r.loop.history]
+    scores = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/subject"))
+    assert scores == [(2, 0.3), (4, 0.6), (6, 0.9)]

@@ -144,6 +144,11 @@ def run_fanout(
     if fan.pack > 1 and train_cfg.method != "lora":
         raise ConfigError(f"--pack {fan.pack} packs LoRA adapters; this run trains method={train_cfg.method!r} "
                           "(pass --method lora, or --pack 1)")
+    selecting = sorted(sid for sid, c in configs.items() if c.select_every)
+    if selecting and (fan.pack > 1 or fan.workers_per_subject > 1 or fan.zero_stage):
+        raise ConfigError(f"select_every ({', '.join(selecting[:5])}{' ...' if len(selecting) > 5 else ''}) scores "
+                          "each subject's weights on one process and stops it at its own step: run it with --pack 1, "
+                          "--workers-per-subject 1 and no --zero-stage")
     run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     # one class-image cache for the run: the local registry's folder, or on a remote registry
     # its class-images/ prefix, which every node mirrors (nodes share no disk there)

@@ -134,6 +134,10 @@ class ValidationConfig:
     validation_inference_steps: int = cfg(25, "denoising steps for validation images")
     tensorboard_dir: str | None = cfg(None, "write TensorBoard event files (loss, its terms, learning rate, gradient "
                                             "norm per step) under DIR/<subject>/ (on a cluster: a shared folder)")
+    mlflow_tracking_uri: str | None = cfg(None, "log each subject to MLflow as a run: its config as parameters, the "
+                                                "step metrics (and selection scores); a folder, file:, http(s):// or "
+                                                "databricks URI (needs dreamfleet[mlflow])")
+    mlflow_experiment: str = cfg("dreamfleet", "MLflow experiment of the runs")
 
     def check_validation(self) -> None:
         _at_least(self, 1, "num_validation_images", "validation_inference_steps")
@@ -235,7 +239,8 @@ class ProFusionSection:
 ADDED_FIELDS = {f.name: f.default for section in (NoiseConfig, FlowConfig, SelectionConfig, MemoryConfig,
                                                                   ProFusionSection)
                 for f in fields(section)}
-ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0, tensorboard_dir=None)
+ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0, tensorboard_dir=None,
+                    mlflow_tracking_uri=None, mlflow_experiment="dreamfleet")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from dreamfleet.trainers.packing import (
 )
 from dreamfleet.trainers.parallelize import DeepSpeedEngine, DistContext, build_engine
 from dreamfleet.trainers.select import Selector, selector_for
+from dreamfleet.trainers.tracking import tracking_hooks
 
 
 @dataclass
@@ -139,36 +140,6 @@ def _setup_packed(prepared: Sequence[PreparedSubject], works: Sequence[Path], o:
                   {p.subject.subject_id: to_dict(p.cfg) for p in prepared}, packed)
 
 
-def tensorboard_hooks(prepared: Sequence[PreparedSubject], hooks: LoopHooks, *, packed: bool,
-                      is_main: bool) -> tuple[LoopHooks, Callable[[], None]]:
-    """``hooks`` with each subject's step metrics also written as TensorBoard scalars
-    (``train/loss``, ``train/lr``, ``train/grad_norm``, ...) under its config's
-    ``tensorboard_dir``/<subject>/ (rank 0 only), and the function that closes the writers."""
-    dirs = {p.subject.subject_id: d for p in prepared if (d := getattr(p.cfg, "tensorboard_dir", None))}
-    if not dirs or not is_main:
-        return hooks, lambda: None
-    from tensorboardX import SummaryWriter
-
-    writers = {sid: SummaryWriter(f"{d.rstrip('/')}/{sid}") for sid, d in dirs.items()}
-    inner = hooks.on_step
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        if inner is not None:
-            inner(step, metrics)
-        for sid, writer in writers.items():  # a packed run's metrics are "<subject>/loss", its lr shared
-            own = {k.removeprefix(f"{sid}/"): v for k, v in metrics.items() if packed and k.startswith(f"{sid}/")}
-            shared = {k: v for k, v in metrics.items() if "/" not in k and k not in own}
-            for key, value in {**shared, **own}.items():
-                tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
-                writer.add_scalar(tag, value, step)
-
-    def close() -> None:
-        for writer in writers.values():
-            writer.close()
-
-    return replace(hooks, on_step=on_step), close
-
-
 def fit(
     prepared: Sequence[PreparedSubject],
     works: Sequence[Path],
@@ -188,14 +159,16 @@ def fit(
         (work / "validation").mkdir(parents=True, exist_ok=True)
     packed = len(prepared) > 1 if opts.packed is None else opts.packed
     s = _setup_packed(prepared, works, opts) if packed else _setup_solo(prepared[0], works[0], opts)
-    hooks, close_tracking = tensorboard_hooks(prepared, hooks or LoopHooks(), packed=packed, is_main=opts.dist.is_main)
+    hooks, close_tracking = tracking_hooks(prepared, hooks or LoopHooks(), packed=packed, is_main=opts.dist.is_main)
     hooks = replace(hooks, on_validation=s.on_validation)
     try:
         result = run_loop(s.objective, s.settings, checkpoint_dir=opts.checkpoint_dir,
                           hooks=s.selector.hooks(hooks) if s.selector else hooks, engine=s.engine,
                           is_main=opts.dist.is_main, config=s.config, allow_config_change=opts.allow_config_change)
-    finally:
-        close_tracking()
+    except BaseException:
+        close_tracking(failed=True)
+        raise
+    close_tracking()
     selection = s.selector.finish(result.final_step) if s.selector else None
     unet_state = s.engine.full_unet_state() if isinstance(s.engine, DeepSpeedEngine) else None
     if not opts.dist.is_main:

@@ -263,7 +263,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, engine: Engine, history: li
 # Settings a resumed run may change: they decide what is written and when, not what is trained.
 RESUME_FREE_FIELDS = frozenset({
     "checkpoint_every", "checkpoints_total_limit", "validation_every", "num_validation_images",
-    "validation_prompts", "validation_inference_steps", "tensorboard_dir",
+    "validation_prompts", "validation_inference_steps", "tensorboard_dir", "mlflow_tracking_uri", "mlflow_experiment",
 })
 
 

@@ -115,6 +115,8 @@ class DataConfig:
     cache_latents: bool = cfg(True, "encode the training images with the VAE once, not every step")
     captions: bool = cfg(False, "train each photo on its own caption (a .txt beside it when the manifest was built), "
                                 "{identifier} and {class_noun} filled in; a photo without one uses the instance prompt")
+    masked_loss: bool = cfg(False, "weight each photo's loss by its subject mask (NN.mask.png beside the photo, white = "
+                                   "subject): the background is not learned; a photo without a mask weighs every pixel")
 
     def check_data(self) -> None:
         _at_least(self, 1, "batch_size")
@@ -235,7 +237,8 @@ class ProFusionSection:
 ADDED_FIELDS = {f.name: f.default for section in (NoiseConfig, FlowConfig, SelectionConfig, MemoryConfig,
                                                                   ProFusionSection)
                 for f in fields(section)}
-ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0, tensorboard_dir=None)
+ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0, tensorboard_dir=None,
+                    masked_loss=False)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         identifier=args.identifier,
         source=str(args.images.resolve()),
         captions=[_caption(im.path) for im in images] if cfg.captions else None,
+        masks=[im.mask for im in images] if cfg.masked_loss else None,
     )
     result = train_subject(
         subject, args.base_model, cfg, args.out,

@@ -24,6 +24,7 @@ from dreamfleet.core.errors import DataError
 log = logging.getLogger("dreamfleet")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MASK_SUFFIX = ".mask.png"  # NN.mask.png beside NN.jpg: the subject's mask of that photo (white = subject)
 RECOMMENDED_MIN_IMAGES = 3
 
 
@@ -106,13 +107,43 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return sorted(
         p for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not p.name.lower().endswith(MASK_SUFFIX)
     )
+
+
+def mask_path(photo: Path) -> Path:
+    """Where a photo's mask lives: ``NN.mask.png`` beside ``NN.jpg``."""
+    return photo.with_name(photo.stem + MASK_SUFFIX)
+
+
+def fit_mask(mask: Image.Image, photo_size: tuple[int, int], *, name: str) -> Image.Image:
+    """A subject mask as 8-bit grey (255 = subject; an alpha channel is the mask when there is
+    one) at its photo's size: the photo as shown (upright), or a scaled copy of it."""
+    grey = mask.getchannel("A") if mask.mode in ("RGBA", "LA") else mask.convert("L")
+    if grey.size == photo_size:
+        return grey
+    (w, h), (pw, ph) = grey.size, photo_size
+    if abs(w * ph - h * pw) > max(w, h, pw, ph):  # another aspect ratio: not drawn on this photo
+        raise DataError(f"{name}: the mask is {w}x{h} px and its photo {pw}x{ph} px; draw the mask on the photo as "
+                        "it is shown (upright), at its size or scaled")
+    return grey.resize(photo_size, Image.Resampling.BILINEAR)
+
+
+def open_mask(path: Path, photo_size: tuple[int, int]) -> Image.Image:
+    """Read the mask file of a photo of ``photo_size`` (see :func:`fit_mask`)."""
+    try:
+        with Image.open(path) as m:
+            m.load()
+            return fit_mask(m, photo_size, name=str(path))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not a readable mask ({e}); re-export it as an 8-bit PNG") from None
 
 
 @dataclass(frozen=True)
 class SubjectImage:
     path: Path
     image: Image.Image
+    mask: Image.Image | None = None  # from NN.mask.png beside the photo, when there is one
 
 
 def load_subject_images(
@@ -137,7 +168,9 @@ def load_subject_images(
     problems: list[str] = []
     for path in files:
         try:
-            good.append(SubjectImage(path, open_image(path, min_side=min_side)))
+            img = open_image(path, min_side=min_side)
+            mask = open_mask(mask_path(path), img.size) if mask_path(path).is_file() else None
+            good.append(SubjectImage(path, img, mask))
         except DataError as e:
             problems.append(str(e))
     if problems and not skip_bad:

@@ -31,7 +31,7 @@ from dreamfleet.core.config import cfg, to_dict
 from dreamfleet.core.errors import ConfigError, DataError
 from dreamfleet.core.hashing import sha256_bytes, sha256_json
 from dreamfleet.core.ids import validate_subject_id
-from dreamfleet.core.images import decode_image
+from dreamfleet.core.images import decode_image, mask_path, open_mask
 from dreamfleet.core.version import code_version
 from dreamfleet.data.schema import (
     INDEX_FILE,
@@ -179,6 +179,17 @@ def encode_sample(data: bytes, *, key: str, where: str, config: BuildConfig) -> 
     return Sample(key, ext, image_bytes, meta)
 
 
+def _with_mask(sample: Sample, photo: Path) -> Sample:
+    """The sample with the photo's ``NN.mask.png`` (when there is one), fitted to the stored image, as its mask member."""
+    path = mask_path(photo)
+    if not path.is_file():
+        return sample
+    buf = io.BytesIO()
+    open_mask(path, tuple(sample.meta["size"])).save(buf, format="PNG")
+    sample.meta.update(mask_sha256=sha256_bytes(buf.getvalue()), mask_file=path.name)
+    return dataclasses.replace(sample, mask=buf.getvalue())
+
+
 def prepare_subject(spec: SubjectSpec, config: BuildConfig) -> tuple[list[Sample], list[Problem], dict[str, str]]:
     """The subject's samples in file order, the problems met and {file name: sha256} of its inputs."""
     samples: list[Sample] = []
@@ -198,6 +209,11 @@ def prepare_subject(spec: SubjectSpec, config: BuildConfig) -> tuple[list[Sample
             sample = encode_sample(data, key=key, where=where, config=config)
         except DataError as e:
             problems.append(Problem(spec.subject_id, f"{e} (skipped)"))
+            continue
+        try:
+            sample = _with_mask(sample, path)
+        except DataError as e:
+            problems.append(Problem(spec.subject_id, f"{e} (the photo is skipped)"))
             continue
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None

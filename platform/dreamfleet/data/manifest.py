@@ -282,16 +282,21 @@ class Manifest:
         return samples
 
     def read_images(self, subject: str | SubjectRecord) -> list[tuple[str, Image.Image, dict[str, Any]]]:
-        """(key, RGB image, per-sample metadata) of each of the subject's images, in order.
+        """(key, RGB image, per-sample metadata) of each of the subject's images, in order; a
+        sample stored with a subject mask has it decoded (8-bit grey) in its metadata's ``mask``.
 
         Reads only the subject's own byte range(s) and checks its content hash first: DataError
         naming the subject for a missing or truncated shard or a hash mismatch.
         """
         record = self._subject(subject)
-        return [
-            (s.key, decode_image(s.image, name=f"subject {record.subject_id!r}: {s.key}.{s.ext}"), s.meta)
-            for s in self.read_samples(record)
-        ]
+        out = []
+        for s in self.read_samples(record):
+            name = f"subject {record.subject_id!r}: {s.key}"
+            meta = dict(s.meta)
+            if s.mask is not None:
+                meta["mask"] = Image.open(io.BytesIO(s.mask)).convert("L")
+            out.append((s.key, decode_image(s.image, name=f"{name}.{s.ext}"), meta))
+        return out
 
     def iter_samples(self, subject: str | SubjectRecord) -> Iterator[Sample]:
         """Stream the subject's samples, reading its range in 1 MiB chunks from local disk (for subjects of
@@ -318,6 +323,10 @@ class Manifest:
                 for sample in iter_samples(members, subject_id=subject_id, where=where):
                     if hashlib.sha256(sample.image).hexdigest() != sample.meta.get("sha256"):
                         raise DataError(f"{where}: image {sample.key}.{sample.ext} does not match its hash; "
+                                        "rebuild the manifest")
+                    if sample.mask is not None and hashlib.sha256(sample.mask).hexdigest() != sample.meta.get(
+                            "mask_sha256"):
+                        raise DataError(f"{where}: mask {sample.key}.mask.png does not match its hash; "
                                         "rebuild the manifest")
                     count += 1
                     yield sample
@@ -368,7 +377,7 @@ class Manifest:
                 samples += iter_samples(iter_members(io.BytesIO(data), where=where), subject_id=sid, where=where)
             except DataError as e:
                 problems.append(str(e))
-        members = [name for s in samples for name in (f"{s.key}.{s.ext}", f"{s.key}.json")]
+        members = [name for s in samples for name, _ in s.members()]
         if ([s.key for s in samples], members) != (record.keys, record.members) and not problems:
             problems.append(f"subject {sid!r}: the shard holds members {members}, the index lists {record.members}; "
                             "rebuild the manifest")

@@ -24,21 +24,25 @@ from typing import Any, BinaryIO
 from dreamfleet.core.errors import DataError
 
 IMAGE_EXTS = ("jpg", "png")
+MASK_EXT = "mask.png"  # a sample's optional subject mask (8-bit, white = subject)
 _BLOCK = tarfile.BLOCKSIZE
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One stored image and its per-sample metadata, keyed ``<subject_id>/<NN>``."""
+    """One stored image and its per-sample metadata, keyed ``<subject_id>/<NN>``; optionally
+    the subject's mask of it (an 8-bit PNG, white = subject), member ``<NN>.mask.png``."""
 
     key: str
     ext: str
     image: bytes
     meta: dict[str, Any]
+    mask: bytes | None = None
 
     def members(self) -> list[tuple[str, bytes]]:
         meta = json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode()
-        return [(f"{self.key}.{self.ext}", self.image), (f"{self.key}.json", meta)]
+        mask = [(f"{self.key}.{MASK_EXT}", self.mask)] if self.mask is not None else []
+        return [(f"{self.key}.{self.ext}", self.image), *mask, (f"{self.key}.json", meta)]
 
     def stored_size(self) -> int:
         """Bytes this sample takes in a tar (headers plus padded data), an estimate for long names."""
@@ -189,13 +193,13 @@ def iter_samples(members: Iterator[tuple[str, bytes]], *, subject_id: str, where
 
 def _make_sample(key: str, parts: dict[str, bytes], where: str) -> Sample:
     exts = [e for e in parts if e in IMAGE_EXTS]
-    if len(exts) != 1 or "json" not in parts:
+    if len(exts) != 1 or "json" not in parts or set(parts) - {exts[0], "json", MASK_EXT}:
         raise DataError(
-            f"{where}: sample {key!r} has members {sorted(parts)}; expected one image (jpg or png) and one "
-            "json; rebuild the manifest"
+            f"{where}: sample {key!r} has members {sorted(parts)}; expected one image (jpg or png), one "
+            "json and an optional mask.png; rebuild the manifest"
         )
     try:
         meta = json.loads(parts["json"])
     except ValueError as e:
         raise DataError(f"{where}: {key}.json is not valid JSON ({e}); rebuild the manifest") from None
-    return Sample(key, exts[0], parts[exts[0]], meta)
+    return Sample(key, exts[0], parts[exts[0]], meta, parts.get(MASK_EXT))

@@ -115,6 +115,8 @@ class DataConfig:
     cache_latents: bool = cfg(True, "encode the training images with the VAE once, not every step")
     captions: bool = cfg(False, "train each photo on its own caption (a .txt beside it when the manifest was built), "
                                 "{identifier} and {class_noun} filled in; a photo without one uses the instance prompt")
+    masked_loss: bool = cfg(False, "weight each photo's loss by its subject mask (NN.mask.png beside the photo, white = "
+                                   "subject): the background is not learned; a photo without a mask weighs every pixel")
 
     def check_data(self) -> None:
         _at_least(self, 1, "batch_size")
@@ -240,7 +242,7 @@ ADDED_FIELDS = {f.name: f.default for section in (NoiseConfig, FlowConfig, Selec
                                                                   ProFusionSection)
                 for f in fields(section)}
 ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0, tensorboard_dir=None,
-                    mlflow_tracking_uri=None, mlflow_experiment="dreamfleet")
+                    mlflow_tracking_uri=None, mlflow_experiment="dreamfleet", masked_loss=False)
 
 
 @dataclass(frozen=True)

@@ -54,13 +54,17 @@ class SubjectData:
     image_names: list[str] | None = None
     captions: list[str | None] | None = None  # one per image (given only when a run trains on captions)
     prompts: list[str] | None = None  # evaluation prompt templates (the manifest's), for best-step selection
+    masks: list[Image.Image | None] | None = None  # one per image, 8-bit grey (given only for masked loss)
 
     def input_hash(self) -> str:
-        """Hash of the normalised pixels (and of each one's caption when there are captions),
-        independent of file names and encodings."""
-        captions = self.captions if self.captions and any(self.captions) else [None] * len(self.images)
-        parts = [sha256_bytes(f"{im.size}".encode() + im.tobytes() + (f"\0{c}".encode() if c else b""))
-                 for im, c in zip(self.images, captions, strict=True)]
+        """Hash of the normalised pixels (and of each one's caption and mask when there are
+        any), independent of file names and encodings."""
+        n = len(self.images)
+        captions = self.captions if self.captions and any(self.captions) else [None] * n
+        masks = self.masks if self.masks and any(m is not None for m in self.masks) else [None] * n
+        parts = [sha256_bytes(f"{im.size}".encode() + im.tobytes() + (f"\0{c}".encode() if c else b"")
+                              + (b"\0mask" + m.tobytes() if m is not None else b""))
+                 for im, c, m in zip(self.images, captions, masks, strict=True)]
         return sha256_bytes("\n".join(sorted(parts)).encode())
 
 
@@ -80,25 +84,36 @@ def resolve_precision(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def image_to_tensor(img: Image.Image, resolution: int, *, center_crop: bool, flip: bool, g: torch.Generator,
-                    sizes: list[tuple[int, int, int, int]] | None = None) -> torch.Tensor:
+                    sizes: list[tuple[int, int, int, int]] | None = None,
+                    mask: Image.Image | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Resize the short side to ``resolution``, crop a square, scale to [-1, 1]; returns (3, H, W).
-    ``sizes`` gets (original height, width, crop top, left): SDXL's micro-conditioning."""
+    ``sizes`` gets (original height, width, crop top, left): SDXL's micro-conditioning. With a
+    ``mask`` (8-bit grey at the image's size) returns it too, as (1, H, W) in [0, 1], resized,
+    cropped and flipped with the image."""
     w0, h0 = img.size
     scale = resolution / min(w0, h0)
-    img = img.resize((max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))), Image.BILINEAR)
+    size = (max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale)))
+    img = img.resize(size, Image.BILINEAR)
     w, h = img.size
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2
     else:
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if flip and bool(torch.rand(1, generator=g) < 0.5):
+    box = (left, top, left + resolution, top + resolution)
+    img = img.crop(box)
+    flipped = flip and bool(torch.rand(1, generator=g) < 0.5)
+    if flipped:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if sizes is not None:
         sizes.append((h0, w0, top, left))
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
-    return x.permute(2, 0, 1).float().div(127.5).sub(1.0)
+    x = x.permute(2, 0, 1).float().div(127.5).sub(1.0)
+    if mask is None:
+        return x
+    m = mask.resize(size, Image.BILINEAR).crop(box)
+    m = m.transpose(Image.FLIP_LEFT_RIGHT) if flipped else m
+    return x, torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).reshape(1, resolution, resolution) / 255.0
 
 
 def check_prompt_length(base: BaseModel, prompt: str, what: str) -> None:
@@ -115,6 +130,7 @@ class DreamBoothBatch:
     noisy: NoisyBatch  # noisy latents, timesteps, target, loss weighting
     cond: Cond  # text conditioning, one row per sample
     prior: bool  # the second half is class samples for the prior-preservation loss
+    mask: torch.Tensor | None = None  # (B, 1, H, W) pixel masks of the instance samples (masked loss)
 
     @property
     def size(self) -> int:
@@ -127,17 +143,25 @@ class Pixels:
 
     bchw: torch.Tensor
     sizes: torch.Tensor  # (N, 4) long
+    masks: torch.Tensor | None = None  # (N, 1, H, W) in [0, 1]: each photo's loss weight per pixel
 
     def __len__(self) -> int:
         return len(self.bchw)
 
 
 def to_pixels(images: list[Image.Image], resolution: int, *, center_crop: bool, flip: bool,
-              g: torch.Generator) -> Pixels:
+              g: torch.Generator, masks: list[Image.Image | None] | None = None) -> Pixels:
+    """The images as one tensor; with ``masks`` (a photo without one weighs every pixel) their masks too."""
     sizes: list[tuple[int, int, int, int]] = []
-    bchw = torch.stack([image_to_tensor(im, resolution, center_crop=center_crop, flip=flip, g=g, sizes=sizes)
-                        for im in images])
-    return Pixels(bchw, torch.tensor(sizes, dtype=torch.long))
+    if masks is None:
+        bchw = torch.stack([image_to_tensor(im, resolution, center_crop=center_crop, flip=flip, g=g, sizes=sizes)
+                            for im in images])
+        return Pixels(bchw, torch.tensor(sizes, dtype=torch.long))
+    pairs = [image_to_tensor(im, resolution, center_crop=center_crop, flip=flip, g=g, sizes=sizes,
+                             mask=m if m is not None else Image.new("L", im.size, 255))
+             for im, m in zip(images, masks, strict=True)]
+    return Pixels(torch.stack([x for x, _ in pairs]), torch.tensor(sizes, dtype=torch.long),
+                  torch.stack([m for _, m in pairs]))
 
 
 class DreamBoothObjective:
@@ -235,19 +259,23 @@ class DreamBoothObjective:
             noise_bchw = noise_bchw + cfg.noise_offset * torch.randn(*latents_bchw.shape[:2], 1, 1, generator=g)
         noise_bchw = noise_bchw.to(self.device)
         noisy = self.kind.noisy_batch(self.base, cfg, latents_bchw, noise_bchw, g)
-        return DreamBoothBatch(noisy, self._cond(idx, prior, torch.cat(sizes)), prior)
+        mask = self.instance.masks[idx] if cfg.masked_loss and self.instance.masks is not None else None
+        return DreamBoothBatch(noisy, self._cond(idx, prior, torch.cat(sizes)), prior, mask)
 
     def loss_terms(self, pred_bchw: torch.Tensor, batch: DreamBoothBatch) -> dict[str, torch.Tensor]:
         """``loss = mse(instance) + prior_loss_weight * mse(class)`` of the denoiser's prediction
         (each MSE weighted per sample where the family's scheme weights it)."""
         target, weighting = batch.noisy.target, batch.noisy.weighting
+        mask = None
+        if batch.mask is not None:  # the photo's mask at the latents' size (area-averaged)
+            mask = F.interpolate(batch.mask.float(), size=target.shape[-2:], mode="area").to(target.device)
         if batch.prior:
             halves = zip(pred_bchw.chunk(2), target.chunk(2),
-                         weighting.chunk(2) if weighting is not None else (None, None), strict=True)
-            loss_instance, loss_prior = (weighted_mse(p, t, w) for p, t, w in halves)
+                         weighting.chunk(2) if weighting is not None else (None, None), (mask, None), strict=True)
+            loss_instance, loss_prior = (weighted_mse(p, t, w, m) for p, t, w, m in halves)
             loss = loss_instance + self.cfg.prior_loss_weight * loss_prior
             return {"loss": loss, "loss_instance": loss_instance, "loss_prior": loss_prior}
-        loss = weighted_mse(pred_bchw, target, weighting)
+        loss = weighted_mse(pred_bchw, target, weighting, mask)
         return {"loss": loss, "loss_instance": loss}
 
     def predict(self, batch: DreamBoothBatch) -> torch.Tensor:
@@ -259,12 +287,18 @@ class DreamBoothObjective:
         return terms["loss"], {k: v.item() for k, v in terms.items()}
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor | None) -> torch.Tensor:
-    """``F.mse_loss``, or diffusers' per-sample weighted mean for flow-matching families."""
-    if weighting is None:
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor | None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.mse_loss``, or diffusers' per-sample weighted mean for flow-matching families; a
+    ``mask`` (B, 1, h, w) weighs each latent pixel (0: no loss there), as kohya's masked loss."""
+    if weighting is None and mask is None:
         return F.mse_loss(pred.float(), target.float())
-    per_sample = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1)
-    return per_sample.mean(1).mean()
+    err = (pred.float() - target.float()) ** 2
+    if weighting is not None:
+        err = weighting.float() * err
+    if mask is not None:
+        err = mask * err
+    return err.reshape(target.shape[0], -1).mean(1).mean()
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -306,6 +340,21 @@ def caption_prompts(subject: SubjectData, instance_prompt: str, fill: dict[str, 
     return prompts
 
 
+def subject_masks(subject: SubjectData) -> list[Image.Image | None]:
+    """The subject's masks for masked loss (a photo without one weighs every pixel); refused when none has one."""
+    masks = subject.masks or []
+    if not any(m is not None for m in masks):
+        raise DataError(f"subject {subject.subject_id!r}: masked_loss is on but none of its photos has a mask; put "
+                        "NN.mask.png (white = subject) beside NN.jpg and rebuild the manifest, or drop --masked-loss")
+    if len(masks) != len(subject.images):
+        raise DataError(f"subject {subject.subject_id!r}: {len(masks)} masks for {len(subject.images)} photos")
+    for i, (im, m) in enumerate(zip(subject.images, masks, strict=True)):
+        if m is not None and m.size != im.size:
+            raise DataError(f"subject {subject.subject_id!r}: photo {i} is {im.size[0]}x{im.size[1]} px and its mask "
+                            f"{m.size[0]}x{m.size[1]} px; give the mask at the photo's size")
+    return masks
+
+
 def prepare_subject(
     subject: SubjectData,
     base: BaseModel | str,
@@ -336,7 +385,8 @@ def prepare_subject(
     dtype = resolve_precision(cfg.mixed_precision, device)
 
     g = step_generator(cfg.seed, 0, stream=99)
-    instance = to_pixels(subject.images, cfg.resolution, center_crop=cfg.center_crop, flip=cfg.random_flip, g=g)
+    instance = to_pixels(subject.images, cfg.resolution, center_crop=cfg.center_crop, flip=cfg.random_flip, g=g,
+                         masks=subject_masks(subject) if cfg.masked_loss else None)
     klass, class_meta = None, None
     if cfg.with_prior_preservation:
         cache = class_cache or ClassImageCache()

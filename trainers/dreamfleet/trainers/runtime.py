@@ -192,10 +192,12 @@ def _prepare_leased(gc: GroupConfig, manifest, subject_id: str, base):
     """The leased subject's photos from the manifest, its config with the manifest's overrides, prepared."""
     record = manifest.record(subject_id)
     samples = manifest.read_images(subject_id)
-    captions = [meta.get("caption") for _, _, meta in samples] if gc.configs[subject_id].captions else None
+    cfg = gc.configs[subject_id]
+    captions = [meta.get("caption") for _, _, meta in samples] if cfg.captions else None
+    masks = [meta.get("mask") for _, _, meta in samples] if cfg.masked_loss else None
     subject = SubjectData(subject_id, record.class_noun, [im for _, im, _ in samples], identifier=record.identifier,
                           tenant=record.tenant, source=f"{gc.manifest}#{subject_id}", captions=captions,
-                          prompts=list(record.eval_prompts) or None)
+                          prompts=list(record.eval_prompts) or None, masks=masks)
     cache = ClassImageCache(gc.class_cache) if gc.class_cache else None
     return prepare_any(subject, base, gc.configs[subject_id], class_cache=cache)
 

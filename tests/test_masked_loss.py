@@ -67,7 +67,7 @@ def test_masks_follow_the_photo_through_crop_and_flip():
 
 
 def test_masked_loss_without_masks_is_refused_naming_the_subject():
-    with pytest.raises(DataError, match="subject 'masked'.*none of its photos has a mask.*NN.mask.png"):
+    with pytest.raises(DataError, match=r"subject 'masked'.*none of its photos has a mask.*NN.mask.png"):
         objective(lambda photos: [None] * len(photos))
 
 

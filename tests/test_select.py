@@ -116,11 +116,11 @@ def test_selection_is_refused_where_it_cannot_work(tmp_path):
         fast_config(select_every=2)
     with pytest.raises(ConfigError, match="set select_every too"):
         fast_config(select_patience=2)
-    with pytest.raises(ConfigError, match="unknown select_scorer 'judge'.*installed: dino, toy"):
+    with pytest.raises(ConfigError, match=r"unknown select_scorer 'judge'.*installed: dino, toy"):
         train_subject(subject(), "tiny-random", config(select_scorer="judge"), tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="--select-dino-model"):
         train_subject(subject(), "tiny-random", config(select_scorer="dino"), tmp_path / "x", progress=False)
-    with pytest.raises(ConfigError, match="sel0, sel1.*--pack 1"):
+    with pytest.raises(ConfigError, match=r"sel0, sel1.*--pack 1"):
         train_packed([subject(0), subject(1)], "tiny-random", [config(seed=s) for s in (0, 1)],
                      [tmp_path / "a", tmp_path / "b"], progress=False)
 

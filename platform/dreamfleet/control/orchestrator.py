@@ -144,6 +144,10 @@ def run_fanout(
     if fan.pack > 1 and train_cfg.method != "lora":
         raise ConfigError(f"--pack {fan.pack} packs LoRA adapters; this run trains method={train_cfg.method!r} "
                           "(pass --method lora, or --pack 1)")
+    bucketed = sorted(sid for sid, c in configs.items() if c.aspect_buckets)
+    if bucketed and fan.pack > 1:
+        raise ConfigError(f"aspect_buckets ({', '.join(bucketed[:5])}{' ...' if len(bucketed) > 5 else ''}) gives "
+                          "each subject's batches their own sizes, which a packed run cannot stack: use --pack 1")
     selecting = sorted(sid for sid, c in configs.items() if c.select_every)
     if selecting and (fan.pack > 1 or fan.workers_per_subject > 1 or fan.zero_stage):
         raise ConfigError(f"select_every ({', '.join(selecting[:5])}{' ...' if len(selecting) > 5 else ''}) scores "

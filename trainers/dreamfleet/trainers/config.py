@@ -115,11 +115,20 @@ class DataConfig:
     cache_latents: bool = cfg(True, "encode the training images with the VAE once, not every step")
     captions: bool = cfg(False, "train each photo on its own caption (a .txt beside it when the manifest was built), "
                                 "{identifier} and {class_noun} filled in; a photo without one uses the instance prompt")
+    aspect_buckets: bool = cfg(False, "aspect-ratio bucketing: each photo at the bucket (about resolution² pixels, sides "
+                                      "multiples of bucket_step) nearest its aspect ratio, not a square crop; a batch "
+                                      "is one bucket's; class images are center-cropped to the batch's bucket")
+    bucket_step: int = cfg(64, "aspect buckets: sides are multiples of this many pixels")
+    max_aspect_ratio: float = cfg(2.0, "aspect buckets: the widest (or tallest) bucket's side ratio")
     masked_loss: bool = cfg(False, "weight each photo's loss by its subject mask (NN.mask.png beside the photo, white = "
                                    "subject): the background is not learned; a photo without a mask weighs every pixel")
 
     def check_data(self) -> None:
         _at_least(self, 1, "batch_size")
+        if self.bucket_step < 8 or self.bucket_step % 8:
+            raise ConfigError(f"config field 'bucket_step' must be a multiple of 8, got {self.bucket_step}")
+        if self.max_aspect_ratio < 1:
+            raise ConfigError(f"config field 'max_aspect_ratio' must be at least 1, got {self.max_aspect_ratio}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ConfigError(f"config field 'resolution' must be a multiple of 8, got {self.resolution}")
 
@@ -242,7 +251,8 @@ ADDED_FIELDS = {f.name: f.default for section in (NoiseConfig, FlowConfig, Selec
                                                                   ProFusionSection)
                 for f in fields(section)}
 ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0, tensorboard_dir=None,
-                    mlflow_tracking_uri=None, mlflow_experiment="dreamfleet", masked_loss=False)
+                    mlflow_tracking_uri=None, mlflow_experiment="dreamfleet", masked_loss=False, aspect_buckets=False,
+                    bucket_step=64, max_aspect_ratio=2.0)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -83,37 +84,55 @@ def resolve_precision(mode: str, device: torch.device) -> torch.dtype | None:
 # --------------------------------------------------------------------------- data preparation
 
 
-def image_to_tensor(img: Image.Image, resolution: int, *, center_crop: bool, flip: bool, g: torch.Generator,
-                    sizes: list[tuple[int, int, int, int]] | None = None,
+def image_to_tensor(img: Image.Image, resolution: int | tuple[int, int], *, center_crop: bool, flip: bool,
+                    g: torch.Generator, sizes: list[tuple[int, int, int, int]] | None = None,
                     mask: Image.Image | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Resize the short side to ``resolution``, crop a square, scale to [-1, 1]; returns (3, H, W).
-    ``sizes`` gets (original height, width, crop top, left): SDXL's micro-conditioning. With a
-    ``mask`` (8-bit grey at the image's size) returns it too, as (1, H, W) in [0, 1], resized,
-    cropped and flipped with the image."""
+    """Resize to cover ``resolution`` (a side, or an aspect bucket's (width, height)), crop it,
+    scale to [-1, 1]; returns (3, H, W). ``sizes`` gets (original height, width, crop top,
+    left): SDXL's micro-conditioning. With a ``mask`` (8-bit grey at the image's size) returns
+    it too, as (1, H, W) in [0, 1], resized, cropped and flipped with the image."""
+    tw, th = (resolution, resolution) if isinstance(resolution, int) else resolution
     w0, h0 = img.size
-    scale = resolution / min(w0, h0)
-    size = (max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale)))
+    scale = max(tw / w0, th / h0)
+    size = (max(tw, round(w0 * scale)), max(th, round(h0 * scale)))
     img = img.resize(size, Image.BILINEAR)
     w, h = img.size
     if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (w - tw) // 2, (h - th) // 2
     else:
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
-    box = (left, top, left + resolution, top + resolution)
+        left = int(torch.randint(0, w - tw + 1, (1,), generator=g))
+        top = int(torch.randint(0, h - th + 1, (1,), generator=g))
+    box = (left, top, left + tw, top + th)
     img = img.crop(box)
     flipped = flip and bool(torch.rand(1, generator=g) < 0.5)
     if flipped:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if sizes is not None:
         sizes.append((h0, w0, top, left))
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(th, tw, 3)
     x = x.permute(2, 0, 1).float().div(127.5).sub(1.0)
     if mask is None:
         return x
     m = mask.resize(size, Image.BILINEAR).crop(box)
     m = m.transpose(Image.FLIP_LEFT_RIGHT) if flipped else m
-    return x, torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).reshape(1, resolution, resolution) / 255.0
+    return x, torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).reshape(1, th, tw) / 255.0
+
+
+def aspect_buckets(resolution: int, step: int, max_ratio: float) -> list[tuple[int, int]]:
+    """(width, height) buckets of at most ``resolution``² pixels, sides multiples of ``step``,
+    aspect ratios up to ``max_ratio`` (kohya's bucket rule), the square one included."""
+    area, out = resolution * resolution, {(resolution // step * step,) * 2}
+    for w in range(step, int(resolution * max_ratio) + 1, step):
+        h = area // w // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            out.add((w, h))
+    return sorted(out)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's (in log ratio; the larger bucket on a tie)."""
+    w, h = size
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - math.log(w / h)), -b[0] * b[1]))
 
 
 def check_prompt_length(base: BaseModel, prompt: str, what: str) -> None:
@@ -139,19 +158,25 @@ class DreamBoothBatch:
 
 @dataclass
 class Pixels:
-    """Training images as a tensor, with each one's (orig h, w, crop top, left)."""
+    """Training images of one size as a tensor, with each one's (orig h, w, crop top, left)."""
 
     bchw: torch.Tensor
     sizes: torch.Tensor  # (N, 4) long
     masks: torch.Tensor | None = None  # (N, 1, H, W) in [0, 1]: each photo's loss weight per pixel
+    ids: torch.Tensor | None = None  # each image's index among the subject's photos (an aspect bucket's)
 
     def __len__(self) -> int:
         return len(self.bchw)
 
+    @property
+    def hw(self) -> tuple[int, int]:
+        return int(self.bchw.shape[-2]), int(self.bchw.shape[-1])
 
-def to_pixels(images: list[Image.Image], resolution: int, *, center_crop: bool, flip: bool,
+
+def to_pixels(images: list[Image.Image], resolution: int | tuple[int, int], *, center_crop: bool, flip: bool,
               g: torch.Generator, masks: list[Image.Image | None] | None = None) -> Pixels:
-    """The images as one tensor; with ``masks`` (a photo without one weighs every pixel) their masks too."""
+    """The images as one tensor at ``resolution`` (a side, or (width, height)); with ``masks``
+    (a photo without one weighs every pixel) their masks too."""
     sizes: list[tuple[int, int, int, int]] = []
     if masks is None:
         bchw = torch.stack([image_to_tensor(im, resolution, center_crop=center_crop, flip=flip, g=g, sizes=sizes)
@@ -164,27 +189,47 @@ def to_pixels(images: list[Image.Image], resolution: int, *, center_crop: bool, 
                   torch.stack([m for _, m in pairs]))
 
 
+def to_bucketed_pixels(images: list[Image.Image], cfg: TrainConfig, g: torch.Generator,
+                       masks: list[Image.Image | None] | None = None) -> list[Pixels]:
+    """The photos grouped by their nearest aspect bucket, one :class:`Pixels` per bucket used
+    (each photo at its bucket's size, nothing padded), in bucket order."""
+    if cfg.bucket_step * 2 > cfg.resolution:
+        raise ConfigError(f"bucket_step {cfg.bucket_step} is too coarse for resolution {cfg.resolution}: pass a "
+                          f"--bucket-step of at most {cfg.resolution // 2} (a multiple of 8 that the denoiser takes)")
+    buckets = aspect_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
+    chosen = [nearest_bucket(im.size, buckets) for im in images]
+    out = []
+    for bucket in sorted(set(chosen)):
+        ids = [i for i, b in enumerate(chosen) if b == bucket]
+        px = to_pixels([images[i] for i in ids], bucket, center_crop=cfg.center_crop, flip=cfg.random_flip, g=g,
+                       masks=[masks[i] for i in ids] if masks is not None else None)
+        out.append(replace(px, ids=torch.tensor(ids)))
+    return out
+
+
 class DreamBoothObjective:
     """Batch -> loss for DreamBooth with optional prior preservation, for any model family
     (the family encodes prompts, noises latents, calls its denoiser: :mod:`dreamfleet.core.families`)."""
 
-    def __init__(self, base: BaseModel, cfg: TrainConfig, instance: Pixels, klass: Pixels | None,
-                 instance_prompt: str, class_prompt: str, device: torch.device, weight_dtype: torch.dtype,
-                 rank: int = 0, instance_prompts: list[str] | None = None):
+    def __init__(self, base: BaseModel, cfg: TrainConfig, instance: Pixels | list[Pixels],
+                 klass: Pixels | list[Pixels] | None, instance_prompt: str, class_prompt: str, device: torch.device,
+                 weight_dtype: torch.dtype, rank: int = 0, instance_prompts: list[str] | None = None):
         self.base, self.kind, self.cfg, self.device, self.rank = base, base.kind, cfg, device, rank
         self.vae, self.denoiser = base.vae, base.denoiser
         # The module called in forward; a distributed runtime replaces it with its DDP wrapper.
         self.forward_unet = base.denoiser
         self.weight_dtype = weight_dtype
-        self.instance, self.klass = instance, klass
+        # one Pixels per aspect bucket (one in all without bucketing); the class images' per bucket too
+        self.buckets = instance if isinstance(instance, list) else [instance]
+        self.class_buckets = (klass if isinstance(klass, list) else [klass]) if klass is not None else None
         # one prompt for every photo, or one per photo (its caption)
         self.instance_prompts = instance_prompts or [instance_prompt]
         self.instance_ids = self.kind.tokenize(base, self.instance_prompts, device)
         self.class_ids = self.kind.tokenize(base, [class_prompt], device)
         self.inst_dist = self.class_dist = None
-        if cfg.cache_latents:
-            self.inst_dist = self._encode_dist(instance.bchw)
-            self.class_dist = self._encode_dist(klass.bchw) if klass is not None else None
+        if cfg.cache_latents:  # per bucket
+            self.inst_dist = [self._encode_dist(b.bchw) for b in self.buckets]
+            self.class_dist = [self._encode_dist(b.bchw) for b in self.class_buckets] if klass is not None else None
         self.inst_emb = self.class_emb = None
         if not cfg.train_text_encoder:
             with torch.no_grad():
@@ -224,7 +269,7 @@ class DreamBoothObjective:
         eps = torch.randn(mean.shape, generator=g)
         return self.kind.latents(self.base, mean + std * eps).to(self.device)
 
-    def _cond(self, idx: torch.Tensor, prior: bool, sizes: torch.Tensor) -> Cond:
+    def _cond(self, idx: torch.Tensor, prior: bool, sizes: torch.Tensor, hw: tuple[int, int]) -> Cond:
         """The text conditioning of the chosen photos (each its own caption's, or the one
         instance prompt's), then of as many class images."""
         bs = len(idx)
@@ -236,31 +281,42 @@ class DreamBoothObjective:
         else:
             inst = {k: v[rows.to(v.device)] for k, v in self.inst_emb.items()}
             cond = cat_cond([inst] + ([self.class_emb] * bs if prior else []))
-        cond = self.kind.micro_conditioning(cond, sizes, self.cfg.resolution)
+        cond = self.kind.micro_conditioning(cond, sizes, hw)
         return {k: v.to(self.device) for k, v in cond.items()}
 
+    def _bucket(self, g: torch.Generator) -> int:
+        """The aspect bucket of a batch, drawn in proportion to its photos (no draw with one bucket)."""
+        if len(self.buckets) == 1:
+            return 0
+        return int(torch.multinomial(torch.tensor([float(len(b)) for b in self.buckets]), 1, generator=g))
+
     def batch(self, step: int, micro_step: int) -> DreamBoothBatch:
-        """The denoiser's inputs and targets for (step, micro_step): instance images, then as many
-        class images with prior preservation; data order, noise and timesteps from (seed, step)."""
+        """The denoiser's inputs and targets for (step, micro_step): instance images of one aspect
+        bucket, then as many class images (at that bucket's size) with prior preservation; data
+        order, noise and timesteps from (seed, step)."""
         cfg = self.cfg
         g = step_generator(cfg.seed, step, stream=micro_step * 1024 + self.rank)
-        bs = cfg.batch_size
-        idx = torch.randint(len(self.instance), (bs,), generator=g)
-        latents = [self._latents(idx, self.instance, self.inst_dist, g)]
-        sizes = [self.instance.sizes[idx]]
-        prior = cfg.with_prior_preservation and self.klass is not None
+        bs, b = cfg.batch_size, self._bucket(g)
+        inst = self.buckets[b]
+        idx = torch.randint(len(inst), (bs,), generator=g)
+        latents = [self._latents(idx, inst, self.inst_dist[b] if self.inst_dist else None, g)]
+        sizes = [inst.sizes[idx]]
+        prior = cfg.with_prior_preservation and self.class_buckets is not None
         if prior:
-            cidx = torch.randint(len(self.klass), (bs,), generator=g)
-            latents.append(self._latents(cidx, self.klass, self.class_dist, g))
-            sizes.append(self.klass.sizes[cidx])
+            cb = b if len(self.class_buckets) > 1 else 0
+            klass = self.class_buckets[cb]
+            cidx = torch.randint(len(klass), (bs,), generator=g)
+            latents.append(self._latents(cidx, klass, self.class_dist[cb] if self.class_dist else None, g))
+            sizes.append(klass.sizes[cidx])
         latents_bchw = torch.cat(latents)
         noise_bchw = torch.randn(latents_bchw.shape, generator=g)
         if cfg.noise_offset:  # one offset per image and channel (the draw only happens when on)
             noise_bchw = noise_bchw + cfg.noise_offset * torch.randn(*latents_bchw.shape[:2], 1, 1, generator=g)
         noise_bchw = noise_bchw.to(self.device)
         noisy = self.kind.noisy_batch(self.base, cfg, latents_bchw, noise_bchw, g)
-        mask = self.instance.masks[idx] if cfg.masked_loss and self.instance.masks is not None else None
-        return DreamBoothBatch(noisy, self._cond(idx, prior, torch.cat(sizes)), prior, mask)
+        mask = inst.masks[idx] if cfg.masked_loss and inst.masks is not None else None
+        photos = inst.ids[idx] if inst.ids is not None else idx
+        return DreamBoothBatch(noisy, self._cond(photos, prior, torch.cat(sizes), inst.hw), prior, mask)
 
     def loss_terms(self, pred_bchw: torch.Tensor, batch: DreamBoothBatch) -> dict[str, torch.Tensor]:
         """``loss = mse(instance) + prior_loss_weight * mse(class)`` of the denoiser's prediction
@@ -315,8 +371,8 @@ class PreparedSubject:
     instance_prompt: str
     class_prompt: str
     class_images: dict | None
-    instance: Pixels
-    klass: Pixels | None  # the class images, with prior preservation
+    instance: Pixels | list[Pixels]  # one per aspect bucket with aspect_buckets
+    klass: Pixels | list[Pixels] | None  # the class images, with prior preservation (per bucket too)
     device: torch.device
     weight_dtype: torch.dtype
     autocast_dtype: torch.dtype | None
@@ -385,16 +441,21 @@ def prepare_subject(
     dtype = resolve_precision(cfg.mixed_precision, device)
 
     g = step_generator(cfg.seed, 0, stream=99)
-    instance = to_pixels(subject.images, cfg.resolution, center_crop=cfg.center_crop, flip=cfg.random_flip, g=g,
-                         masks=subject_masks(subject) if cfg.masked_loss else None)
+    masks = subject_masks(subject) if cfg.masked_loss else None
+    if cfg.aspect_buckets:
+        instance = to_bucketed_pixels(subject.images, cfg, g, masks)
+    else:
+        instance = to_pixels(subject.images, cfg.resolution, center_crop=cfg.center_crop, flip=cfg.random_flip, g=g,
+                             masks=masks)
     klass, class_meta = None, None
     if cfg.with_prior_preservation:
         cache = class_cache or ClassImageCache()
         req = ClassImageRequest.for_config(cfg, class_prompt)
         base.denoiser.to(device)
         got = cache.ensure(base, req, device=device)
-        klass = to_pixels([Image.open(p).convert("RGB") for p in got.paths], cfg.resolution, center_crop=True,
-                          flip=False, g=g)
+        photos = [Image.open(p).convert("RGB") for p in got.paths]
+        klass = ([to_pixels(photos, b.hw[::-1], center_crop=True, flip=False, g=g) for b in instance]
+                 if cfg.aspect_buckets else to_pixels(photos, cfg.resolution, center_crop=True, flip=False, g=g))
         class_meta = {"cache_key": got.key, "folder": str(got.folder), "count": len(got.paths), "generated": got.generated}
     return PreparedSubject(
         subject=subject, base=base, cfg=cfg, identifier=identifier, instance_prompt=instance_prompt,

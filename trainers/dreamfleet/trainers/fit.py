@@ -128,6 +128,9 @@ def _setup_packed(prepared: Sequence[PreparedSubject], works: Sequence[Path], o:
     if o.dist.world_size > 1 or o.zero_stage or o.offload:
         raise ConfigError("a packed run trains on one process without DeepSpeed: pack with --workers-per-subject 1 "
                           "and no --zero-stage or --offload")
+    if bucketed := [p.subject.subject_id for p in prepared if p.cfg.aspect_buckets]:
+        raise ConfigError(f"subjects {', '.join(bucketed)}: a packed run stacks its subjects' batches, which aspect "
+                          "buckets give different sizes; train them with --pack 1")
     if selecting := [p.subject.subject_id for p in prepared if p.cfg.select_every]:
         raise ConfigError(f"subjects {', '.join(selecting)}: select_every stops each subject at its own step, and a "
                           "packed run trains its subjects in lockstep; train them with --pack 1")

@@ -181,8 +181,9 @@ class Family:
                     g: torch.Generator) -> NoisyBatch:
         raise NotImplementedError
 
-    def micro_conditioning(self, cond: Cond, sizes: torch.Tensor, resolution: int) -> Cond:
-        """Per-sample conditioning from each image's (orig_h, orig_w, crop_top, crop_left)."""
+    def micro_conditioning(self, cond: Cond, sizes: torch.Tensor, target_hw: tuple[int, int]) -> Cond:
+        """Per-sample conditioning from each image's (orig_h, orig_w, crop_top, crop_left) and
+        the (height, width) it is trained at."""
         return cond
 
     def predict(self, denoiser: torch.nn.Module, batch: NoisyBatch, cond: Cond, cfg: Any) -> torch.Tensor:

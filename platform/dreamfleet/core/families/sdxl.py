@@ -19,9 +19,9 @@ class StableDiffusionXL(DDPMFamily):
             hidden.append(out.hidden_states[-2])
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
-    def micro_conditioning(self, cond: Cond, sizes: torch.Tensor, resolution: int) -> Cond:
+    def micro_conditioning(self, cond: Cond, sizes: torch.Tensor, target_hw: tuple[int, int]) -> Cond:
         """``add_time_ids`` = original size + crop top-left + target size, per sample."""
-        target = torch.tensor([resolution, resolution], dtype=sizes.dtype).expand(len(sizes), 2)
+        target = torch.tensor(list(target_hw), dtype=sizes.dtype).expand(len(sizes), 2)
         return {**cond, "time_ids": torch.cat([sizes, target], dim=1).float()}
 
     def predict(self, denoiser, batch: NoisyBatch, cond: Cond, cfg) -> torch.Tensor:

@@ -269,3 +269,40 @@ def test_tensorboard_gets_each_subjects_loss_lr_and_gradient_norm(tmp_path):
     for sid in ("opt1", "opt2"):
         packed = _scalars(tmp_path / "tb" / sid)
         assert len(packed["train/loss"]) == 3 and len(packed["train/lr"]) == 3, sorted(packed)
+
+
+def test_a_full_expert_exports_as_one_checkpoint_that_from_single_file_loads(tmp_path, capsys):
+    """`dreamfleet experts export SUBJECT --format ldm`: a full expert (its UNet and trained text
+    encoder, the base's VAE) in the original single-file layout; diffusers' from_single_file
+    converts it back and renders what dreamfleet's own pipeline of the expert renders."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreamfleet.cli.main import main
+    from dreamfleet.registry import Registry
+
+    cfg = fast_config(steps=2, method="full", train_text_encoder=True, learning_rate=1e-3,
+                      with_prior_preservation=False)
+    r = train_subject(subject(), "tiny-random", cfg, tmp_path / "e", class_cache=ClassImageCache(tmp_path / "c"),
+                      progress=False)
+    reg = Registry(tmp_path / "reg")
+    reg.publish("full0", r.expert_dir)
+    out = tmp_path / "full0.safetensors"
+    assert main(["experts", "export", "full0", "--registry", str(tmp_path / "reg"), "--format", "ldm",
+                 "--out", str(out)]) == 0
+    keys = load_file(str(out)).keys()
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
+    stock, ours, info = stock_and_ours(tmp_path, r.expert_dir)
+    single = StableDiffusionPipeline.from_single_file(str(out), config=str(tmp_path / "sd"), safety_checker=None,
+                                                      requires_safety_checker=False)
+    single.set_progress_bar_config(disable=True)
+    own_memory(single)
+    single.scheduler = stock.scheduler
+    assert np.abs(_render(single, info.instance_prompt) - _render(stock, info.instance_prompt)).max() > 1e-3
+    assert np.abs(_render(single, info.instance_prompt) - _render(ours, info.instance_prompt)).max() < 1e-5
+    lora = train_subject(subject(), "tiny-random", fast_config(steps=1, with_prior_preservation=False),
+                         tmp_path / "lora", class_cache=ClassImageCache(tmp_path / "c"), progress=False)
+    reg.publish("lora0", lora.expert_dir)
+    assert main(["experts", "export", "lora0", "--registry", str(tmp_path / "reg"), "--format", "ldm",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--format kohya" in capsys.readouterr().err

@@ -52,11 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--version")
     ed.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     ed.set_defaults(handler=run_experts_delete)
-    ex = esub.add_parser("export", help="write a LoRA expert as one file in the kohya/A1111 layout (ComfyUI, WebUI)")
+    ex = esub.add_parser("export", help="write an expert as one file: a LoRA in the kohya/A1111 layout, or a full "
+                                        "SD 1.x expert as an original-layout checkpoint (ComfyUI, WebUI)")
     ex.add_argument("subject")
     ex.add_argument("--registry", required=True)
     ex.add_argument("--version", help="version (default: latest)")
-    ex.add_argument("--format", default="kohya", choices=["kohya"], help="file layout")
+    ex.add_argument("--format", default="kohya", choices=["kohya", "ldm"],
+                    help="kohya: a LoRA expert's LoRA; ldm: a full SD 1.x expert as one checkpoint (with its base's VAE)")
     ex.add_argument("--out", type=Path, help="file to write (default: <subject>-<version>.safetensors here)")
     ex.set_defaults(handler=run_experts_export)
     register_jobs(sub)

@@ -5,6 +5,11 @@
 the WebUIs, SD.Next and InvokeAI load, and which diffusers' ``load_lora_weights`` converts
 back. It is what diffusers' SDXL DreamBooth script writes with ``--output_kohya_format``, with
 the expert's own ``lora_alpha`` (diffusers' converter writes alpha = rank).
+
+``ldm``: a full SD 1.x expert (method=full) as one checkpoint in the original single-file
+layout (:mod:`dreamfleet.core.ldm`): the expert's UNet, its text encoder when it trained one
+(else the base's), and the base's VAE, which A1111, ComfyUI and diffusers' ``from_single_file``
+load. It needs the expert's base model (named, or its folder) on this machine.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 from dreamfleet.core.errors import DataError
 from dreamfleet.core.expert import ExpertInfo
 
-FORMATS = ("kohya",)
+FORMATS = ("kohya", "ldm")
 KOHYA_FAMILIES = ("sd", "sdxl")  # UNet families with a kohya LoRA layout diffusers reads back
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -26,6 +31,8 @@ def export_expert(folder: str | Path, out: str | Path, fmt: str = "kohya") -> Pa
         raise DataError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
     folder, out = Path(folder), Path(out)
     info = ExpertInfo.read(folder)
+    if fmt == "ldm":
+        return export_ldm(folder, out, info)
     _check_kohya(folder, info)
     import torch
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
@@ -73,3 +80,32 @@ def _check_kohya(folder: Path, info: ExpertInfo) -> None:
                         f"{LORA_FILE} with diffusers' load_lora_weights)")
     if not (folder / LORA_FILE).is_file():
         raise DataError(f"{folder}: no {LORA_FILE}; nothing to export")
+
+
+def export_ldm(folder: Path, out: Path, info: ExpertInfo) -> Path:
+    """A full SD 1.x expert as one original-layout checkpoint at ``out``."""
+    from safetensors.torch import save_file
+
+    from dreamfleet.core.expert import read_expert
+    from dreamfleet.core.ldm import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from dreamfleet.core.models import load_base
+
+    if info.method != "full":
+        raise DataError(f"{folder}: a method={info.method} expert; --format ldm writes full experts (method=full) as "
+                        "one checkpoint; a LoRA expert exports with --format kohya")
+    family = info.base_model.get("family", "sd")
+    base = load_base(info.base_model.get("spec") or "")
+    if family != "sd" or base.text_encoder.config.hidden_size == 1024:  # SD 2.x: an OpenCLIP ViT-H layout
+        raise DataError(f"{folder}: a {family} expert on {info.base_model.get('spec')}; --format ldm covers SD 1.x "
+                        "(a CLIP text encoder); load the expert folder's unet/ with from_pretrained instead")
+    parts = read_expert(folder, base, info).components
+    unet, text_encoder = parts["unet"], parts.get("text_encoder", base.text_encoder)
+    state = {**unet_to_ldm(unet.state_dict(), dict(unet.config)),
+             **vae_to_ldm(base.vae.state_dict(), len(base.vae.config.block_out_channels)),
+             **text_encoder_to_ldm(text_encoder.state_dict())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={
+        "format": "pt", "dreamfleet_expert": json.dumps({"subject_id": info.subject_id, "identifier": info.identifier,
+                                                         "instance_prompt": info.instance_prompt,
+                                                         "base_model": info.base_model})})
+    return out

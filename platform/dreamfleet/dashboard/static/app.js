@@ -103,7 +103,7 @@ function lossChart(points, series, w = 640, h = 280, opt = {}) {
   });
   if (opt.hline != null) svg += `<line class="bar-line" x1="${m.l}" x2="${w - m.r}" y1="${Y(opt.hline.y).toFixed(1)}" y2="${Y(opt.hline.y).toFixed(1)}"><title>${esc(opt.hline.label)}</title></line>`;
   if (opt.mark != null) svg += `<line class="chosen-step" data-step="${opt.mark}" x1="${X(opt.mark).toFixed(1)}" x2="${X(opt.mark).toFixed(1)}" y1="${m.t}" y2="${h - m.b}"><title>chosen step ${opt.mark}</title></line>
-    <text class="chosen-label" x="${(X(opt.mark) + 4).toFixed(1)}" y="${m.t + 12}">chosen: step ${opt.mark}</text>`;
+    <text class="chosen-label" x="${(X(opt.mark) + (X(opt.mark) > w / 2 ? -4 : 4)).toFixed(1)}" y="${m.t + 12}" text-anchor="${X(opt.mark) > w / 2 ? "end" : "start"}">chosen: step ${opt.mark}</text>`;
   svg += `</svg>`;
   const names = { loss: "total loss", loss_instance: "instance loss", loss_prior: "prior loss", ...(opt.names || {}) };
   return svg + `<div class="legend">${used.map(s => `<span><b class="k-${s}"></b>${names[s] || s}</span>`).join("")}</div>`;
@@ -113,13 +113,14 @@ function lossChart(points, series, w = 640, h = 280, opt = {}) {
 function selectionChart(sel) {
   const base = sel.base || {}, points = [{ step: base.step || 0, subject: base.subject, prompt: base.prompt }, ...(sel.scores || [])];
   const bar = base.prompt != null ? { y: base.prompt * sel.prompt_bar, label: `prompt-fidelity bar: ${sel.prompt_bar} of the base model's` } : null;
-  const chart = lossChart(points, ["subject", "prompt"], 640, 240, { cls: "selection-curve", aria: "best-step scores", mark: sel.chosen_step, hline: bar,
+  const chart = lossChart(points, ["subject", "prompt"], 640, 280, { cls: "selection-curve", aria: "best-step scores", mark: sel.chosen_step, hline: bar,
     names: { subject: "subject similarity", prompt: "prompt fidelity" } });
   const chosen = (sel.scores || []).find(x => x.step === sel.chosen_step);
   const facts = [["Chosen step", sel.chosen_step ?? "–"], ["Subject similarity", chosen ? fmtNum(chosen.subject) : "–"],
     ["Prompt fidelity ÷ base", chosen ? fmtNum(chosen.prompt_ratio) : "–"], ["Trained to", `${sel.final_step}${sel.stopped_early ? " (early stop)" : ""}`],
     ["Scorer", sel.scorer], ["Evaluation time", fmtDur(sel.eval_seconds)]].map(([k, v]) => `<dt>${k}</dt><dd>${esc(v)}</dd>`).join("");
-  return `${chart}<dl class="kv">${facts}</dl><p class="note">${esc(sel.rule)}${sel.fallback ? " — no step reached the bar: fallback" : ""}</p>`;
+  return `<div class="grid2"><div class="panel"><h2>Best step: scores while training</h2>${chart}</div>
+    <div class="panel"><h2>Best step</h2><dl class="kv">${facts}</dl><p class="note">${esc(sel.rule)}${sel.fallback ? " — no step reached the bar: fallback" : ""}</p></div></div>`;
 }
 
 function progressBar(counts, total) {
@@ -272,7 +273,7 @@ const views = {
         ${d.images.validation_all > 2 ? `<p class="note">${d.images.validation_all} grids in all; the last two are shown.</p>` : ""}</div></div>` : "";
       const evaluation = d.evaluation ? `<dl class="kv">${Object.entries(d.evaluation).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(typeof v === "number" ? fmtNum(v) : JSON.stringify(v))}</dd>`).join("")}</dl>`
         : `<p class="muted">No evaluation yet (<code>dreamfleet eval</code> results stored with the expert appear here).</p>`;
-      const selection = e && e.selection ? `<div class="panel" id="selection"><h2>Best step</h2>${selectionChart(e.selection)}</div>` : "";
+      const selection = e && e.selection ? `<div id="selection">${selectionChart(e.selection)}</div>` : "";
       view.innerHTML = `<div class="crumbs"><a href="#/subjects">Subjects</a> / ${esc(d.subject)}</div>
         <div class="row"><h1>${esc(d.subject)} ${st ? badge(st.state) : ""}</h1><span class="spacer"></span>${versions}</div>
         ${d.message ? `<div class="panel error" id="subject-message">${esc(d.message)}</div>` : ""}${err}

@@ -71,14 +71,21 @@ def test_masked_loss_without_masks_is_refused_naming_the_subject():
         objective(lambda photos: [None] * len(photos))
 
 
+def photo_folder(root, n: int, seed: int, masks: dict[int, tuple[int, int]], size=(96, 64),
+                 classes: str = "subject_id,class_noun\ndog1,dog\n"):
+    """root/dog1/NN.png (n photos of ``size``), NN.mask.png of the given sizes, root/classes.csv."""
+    (root / "dog1").mkdir(parents=True, exist_ok=True)
+    for j in range(n):
+        picture(seed + j, size=size).save(root / "dog1" / f"{j:02d}.png")
+    for j, mask_size in masks.items():
+        left_half_mask(mask_size).save(root / "dog1" / f"{j:02d}.mask.png")
+    (root / "classes.csv").write_text(classes)
+    return root
+
+
 def test_masks_beside_the_photos_reach_the_manifest_and_the_folder_loader(tmp_path):
-    root = tmp_path / "src"
-    for j in range(3):
-        (root / "dog1").mkdir(parents=True, exist_ok=True)
-        picture(520 + j, size=(96, 64)).save(root / "dog1" / f"{j:02d}.png")
-    left_half_mask((96, 64)).save(root / "dog1" / "00.mask.png")
-    left_half_mask((48, 32)).save(root / "dog1" / "01.mask.png")  # a scaled copy is fitted to the photo
-    (root / "classes.csv").write_text("subject_id,class_noun\ndog1,dog\n")
+    # 01's mask is a scaled copy: it is fitted to the photo
+    root = photo_folder(tmp_path / "src", 3, 520, {0: (96, 64), 1: (48, 32)})
     assert [p.name for p in list_image_files(root / "dog1")] == ["00.png", "01.png", "02.png"]
 
     build_from_folders(root, None, tmp_path / "m")
@@ -94,12 +101,7 @@ def test_masks_beside_the_photos_reach_the_manifest_and_the_folder_loader(tmp_pa
 
 
 def test_a_mask_of_another_shape_skips_its_photo_and_names_both(tmp_path):
-    root = tmp_path / "src"
-    for j in range(4):
-        (root / "dog1").mkdir(parents=True, exist_ok=True)
-        picture(530 + j, size=(96, 64)).save(root / "dog1" / f"{j:02d}.png")
-    left_half_mask((64, 64)).save(root / "dog1" / "01.mask.png")
-    (root / "classes.csv").write_text("subject_id,class_noun\ndog1,dog\n")
+    root = photo_folder(tmp_path / "src", 4, 530, {1: (64, 64)})
     report = build_from_folders(root, None, tmp_path / "m")
     text = "\n".join(p.message for p in report.problems)
     assert "01.mask.png: the mask is 64x64 px and its photo 96x64 px" in text and "photo is skipped" in text
@@ -112,12 +114,8 @@ def test_the_fan_out_worker_prepares_a_subject_with_its_masks_and_prompts(tmp_pa
     from dreamfleet.core.models import load_base
     from dreamfleet.trainers.runtime import GroupConfig, _prepare_leased
 
-    root = tmp_path / "src"
-    for j in range(3):
-        (root / "dog1").mkdir(parents=True, exist_ok=True)
-        picture(540 + j, size=(64, 64)).save(root / "dog1" / f"{j:02d}.png")
-        left_half_mask((64, 64)).save(root / "dog1" / f"{j:02d}.mask.png")
-    (root / "classes.csv").write_text("subject_id,class_noun,eval_prompts\ndog1,dog,a {0} {1}|a {0} {1} at night\n")
+    root = photo_folder(tmp_path / "src", 3, 540, {j: (64, 64) for j in range(3)}, size=(64, 64),
+                        classes="subject_id,class_noun,eval_prompts\ndog1,dog,a {0} {1}|a {0} {1} at night\n")
     build_from_folders(root, None, tmp_path / "m")
     m = Manifest.open(tmp_path / "m")
     base = load_base("tiny-random")

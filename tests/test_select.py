@@ -162,3 +162,49 @@ def test_mlflow_gets_each_subjects_config_losses_and_scores(tmp_path):
     assert sorted(losses) == [(h["step"], pytest.approx(h["loss"])) for h in r.loop.history]
     scores = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/subject"))
     assert scores == [(2, 0.3), (4, 0.6), (6, 0.9)]
+
+
+def wandb_records(path) -> list:
+    """The protobuf records of a W&B offline run file (``run-<id>.wandb``): a 7-byte ``:W&B``
+    header, then LevelDB-log framing in 32 KiB blocks (7-byte chunk headers: CRC, length, type
+    full/first/middle/last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, records, buf = path.read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            records.append(pb.Record.FromString(buf))
+    return records
+
+
+def test_wandb_gets_each_subjects_config_losses_and_scores(tmp_path, monkeypatch):
+    """``--wandb-project`` with W&B in offline mode: a run per subject with the resolved config,
+    the loop's losses per step and the selection scores, read back from the run's file."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    script([0.1, 0.3, 0.6, 0.9], [1.0, 0.95, 0.9, 0.5])
+    r = train_subject(subject(), "tiny-random", config(wandb_project="dogs"), tmp_path / "sel",
+                      class_cache=ClassImageCache(tmp_path / "c"), progress=False)
+    (path,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(path)
+    run = next(x.run for x in records if x.WhichOneof("record_type") == "run")
+    params = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert run.project == "dogs" and run.display_name == "sel0" and params["learning_rate"] == 0.001
+    history: dict[str, list] = {}
+    for x in records:
+        if x.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in x.history.item}
+            for key in ("train/loss", "eval/subject"):
+                if key in items:
+                    history.setdefault(key, []).append((items["_step"], items[key]))
+    assert history["train/loss"] == [(h["step"], pytest.approx(h["loss"])) for h in r.loop.history]
+    assert history["eval/subject"] == [(2, 0.3), (4, 0.6), (6, 0.9)]

@@ -149,6 +149,9 @@ class ValidationConfig:
                                                 "step metrics (and selection scores); a folder, file:, http(s):// or "
                                                 "databricks URI (needs dreamfleet[mlflow])")
     mlflow_experiment: str = cfg("dreamfleet", "MLflow experiment of the runs")
+    wandb_project: str | None = cfg(None, "log each subject to Weights & Biases as a run in this project (as your "
+                                          "wandb is configured: login, WANDB_ENTITY, WANDB_MODE=offline; needs "
+                                          "dreamfleet[wandb])")
 
     def check_validation(self) -> None:
         _at_least(self, 1, "num_validation_images", "validation_inference_steps")
@@ -251,7 +254,7 @@ ADDED_FIELDS = {f.name: f.default for section in (NoiseConfig, FlowConfig, Selec
                                                                   ProFusionSection)
                 for f in fields(section)}
 ADDED_FIELDS.update(optimizer="adamw", use_dora=False, captions=False, ema_decay=0.0, tensorboard_dir=None,
-                    mlflow_tracking_uri=None, mlflow_experiment="dreamfleet", masked_loss=False, aspect_buckets=False,
+                    mlflow_tracking_uri=None, mlflow_experiment="dreamfleet", wandb_project=None, masked_loss=False, aspect_buckets=False,
                     bucket_step=64, max_aspect_ratio=2.0)
 
 

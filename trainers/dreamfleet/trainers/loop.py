@@ -264,6 +264,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, engine: Engine, history: li
 RESUME_FREE_FIELDS = frozenset({
     "checkpoint_every", "checkpoints_total_limit", "validation_every", "num_validation_images",
     "validation_prompts", "validation_inference_steps", "tensorboard_dir", "mlflow_tracking_uri", "mlflow_experiment",
+    "wandb_project",
 })
 
 

@@ -3,9 +3,11 @@
 Both are loop hooks around the runtime's own (:func:`tracking_hooks`), on rank 0 only, each
 turned on by its config field: ``tensorboard_dir`` (scalars ``train/loss``, ``train/lr``,
 ``train/grad_norm``, ..., and best-step selection's ``eval/subject``, ``eval/prompt``,
-``eval/prompt_ratio``) and ``mlflow_tracking_uri`` (an MLflow run per subject in the
+``eval/prompt_ratio``), ``mlflow_tracking_uri`` (an MLflow run per subject in the
 experiment ``mlflow_experiment``: the resolved config as parameters, the same metrics per
-step). Ray Train leaves per-worker tracking to the training function, which is this.
+step) and ``wandb_project`` (a Weights & Biases run per subject, as the user's wandb is
+configured: a login, ``WANDB_ENTITY``, ``WANDB_MODE=offline``). Ray Train leaves per-worker
+tracking to the training function, which is this.
 """
 
 from __future__ import annotations
@@ -108,19 +110,40 @@ class MlflowRun:
             self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
         self.pending = []
 
-    def close(self, status: str = "FINISHED") -> None:
+    def close(self, failed: bool = False) -> None:
         self.flush()
-        self.client.set_terminated(self.run_id, status)
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
-def mlflow_hooks(prepared: Sequence[Any], hooks: LoopHooks, *, packed: bool,
-                 is_main: bool) -> tuple[LoopHooks, Callable[..., None]]:
-    """``hooks`` with each subject's step metrics also logged to its MLflow run (when its
-    config has ``mlflow_tracking_uri``), and the function that finishes the runs."""
-    wanted = [p for p in prepared if getattr(p.cfg, "mlflow_tracking_uri", None)]
+class WandbRun:
+    """One subject's W&B run (several may be open at once: a packed run's subjects)."""
+
+    def __init__(self, p: Any):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError("wandb_project needs Weights & Biases: pip install 'dreamfleet[wandb]', or drop "
+                              "--wandb-project") from e
+        sid = p.subject.subject_id
+        self.run = wandb.init(project=p.cfg.wandb_project, name=sid, config=to_dict(p.cfg), reinit="create_new",
+                              tags=[p.subject.class_noun], job_type="dreambooth")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({metric_tag(k): float(v) for k, v in metrics.items()}, step=step)
+
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def run_hooks(factory: Callable[[Any], Any], field: str, prepared: Sequence[Any], hooks: LoopHooks, *, packed: bool,
+              is_main: bool) -> tuple[LoopHooks, Callable[..., None]]:
+    """``hooks`` with each subject's step metrics also logged to its run (``factory(p)``, an
+    :class:`MlflowRun` or :class:`WandbRun`) where its config sets ``field``, and the
+    function that ends the runs."""
+    wanted = [p for p in prepared if getattr(p.cfg, field, None)]
     if not wanted or not is_main:
         return hooks, lambda failed=False: None
-    runs = {p.subject.subject_id: MlflowRun(p) for p in wanted}
+    runs = {p.subject.subject_id: factory(p) for p in wanted}
 
     def log(step: int, metrics: dict[str, float]) -> None:
         for sid, run in runs.items():
@@ -128,20 +151,22 @@ def mlflow_hooks(prepared: Sequence[Any], hooks: LoopHooks, *, packed: bool,
 
     def close(failed: bool = False) -> None:
         for run in runs.values():
-            run.close("FAILED" if failed else "FINISHED")
+            run.close(failed)
 
     return _chain(hooks, log), close
 
 
 def tracking_hooks(prepared: Sequence[Any], hooks: LoopHooks, *, packed: bool,
                    is_main: bool) -> tuple[LoopHooks, Callable[..., None]]:
-    """``hooks`` with TensorBoard and MLflow tracking where the configs ask for them, and the
-    function that closes both (``close(failed=True)`` when training raised)."""
+    """``hooks`` with TensorBoard, MLflow and W&B tracking where the configs ask for them, and
+    the function that closes them all (``close(failed=True)`` when training raised)."""
     hooks, close_tb = tensorboard_hooks(prepared, hooks, packed=packed, is_main=is_main)
-    hooks, close_mlflow = mlflow_hooks(prepared, hooks, packed=packed, is_main=is_main)
+    hooks, close_mlflow = run_hooks(MlflowRun, "mlflow_tracking_uri", prepared, hooks, packed=packed, is_main=is_main)
+    hooks, close_wandb = run_hooks(WandbRun, "wandb_project", prepared, hooks, packed=packed, is_main=is_main)
 
     def close(failed: bool = False) -> None:
         try:
+            close_wandb(failed)
             close_mlflow(failed)
         finally:
             close_tb(failed)

@@ -118,7 +118,7 @@ def test_each_photo_trains_on_its_own_caption():
     v = p.identifier
     assert p.instance_prompts == [f"a photo of {v} dog on grass", p.instance_prompt, f"{v} dog, asleep"]
     obj = DreamBoothObjective.from_prepared(p)
-    cond = obj._cond(torch.tensor([2, 0, 1, 2]), False, p.instance.sizes[[2, 0, 1, 2]])
+    cond = obj._cond(torch.tensor([2, 0, 1, 2]), False, p.instance.sizes[[2, 0, 1, 2]], p.instance.hw)
     kind, base = obj.kind, obj.base
     for row, i in enumerate([2, 0, 1, 2]):
         with torch.no_grad():
@@ -126,7 +126,8 @@ def test_each_photo_trains_on_its_own_caption():
         assert torch.equal(cond["encoder_hidden_states"][row], want[0].float())
     off = prepare_subject(s, "tiny-random", fast_config(with_prior_preservation=False))
     assert off.instance_prompts is None
-    plain = DreamBoothObjective.from_prepared(off)._cond(torch.tensor([0, 2]), False, off.instance.sizes[[0, 2]])
+    plain = DreamBoothObjective.from_prepared(off)._cond(torch.tensor([0, 2]), False, off.instance.sizes[[0, 2]],
+                                                                   off.instance.hw)
     assert torch.equal(plain["encoder_hidden_states"][0], plain["encoder_hidden_states"][1])
     assert s.input_hash() != SubjectData("cap", "dog", s.images).input_hash()  # captions are part of the input
 

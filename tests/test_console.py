@@ -66,3 +66,18 @@ def test_disabled_prints_nothing():
     out = io.StringIO()
     RunConsole(Registry(), {}, enabled=False, stream=out).update(progress(), final=True)
     assert out.getvalue() == ""
+
+
+def test_a_run_eta_before_any_subject_finishes(monkeypatch):
+    """From the training subjects' step rate: what they have left, then the queued ones in
+    waves of as many subjects, each as long as one takes."""
+    clock = [100.0]
+    monkeypatch.setattr("dreamfleet.control.console.time.monotonic", lambda: clock[0])
+    out, reg = io.StringIO(), Registry()
+    console = RunConsole(reg, {"dog1": 100}, enabled=True, stream=out, every_s=0.0)
+    console.update(progress())
+    clock[0] += 10.0
+    reg.states["dog1"] = SubjectState("dog1", "training", step=60, loss=0.1)  # 2 steps/s: 20 s left, 50 s a subject
+    console.update(progress())
+    last = out.getvalue().splitlines()[-1]
+    assert "ETA 2m00s" in last and "dog1 60/100 loss 0.1000 ETA 0m20s" in last  # 20 s + 2 waves x 50 s

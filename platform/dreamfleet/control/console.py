@@ -38,16 +38,18 @@ class RunConsole:
             return
         rows = [self._row(sid) for sid in progress.get("leased", [])]
         if self.tty:
-            self._draw([self._counts(progress), *(self._table(rows) if rows else [])])
+            self._draw([self._counts(progress, rows), *(self._table(rows) if rows else [])])
             return
-        line = self._counts(progress) + ("; " + ", ".join(f"{r[0]} {r[2]}/{r[3]} loss {r[4]}" for r in rows)
-                                         if rows else "")
+        line = self._counts(progress, rows) + (
+            "; " + ", ".join(f"{r[0]} {r[2]}/{r[3]} loss {r[4]}" + (f" ETA {r[5]}" if r[5] != "?" else "")
+                             for r in rows) if rows else "")
         if line != self._last_line or final:
             self.stream.write(f"progress: {line}\n")
             self.stream.flush()
             self._last_line, self._last_t = line, time.monotonic()
 
-    def _row(self, sid: str) -> tuple[str, str, int, int, str, str]:
+    def _row(self, sid: str) -> tuple:
+        """(subject, state, step, steps, loss, ETA shown; seconds left, seconds in all, when known)"""
         st = self.registry.get_state(sid)
         step, total = (st.step if st else 0), self.steps.get(sid, 0)
         now = time.monotonic()
@@ -55,19 +57,29 @@ class RunConsole:
         rate = (step - s_seen) / (now - t_seen) if step > s_seen and now > t_seen else None
         eta = (total - step) / rate if rate else None
         loss = f"{st.loss:.4f}" if st and st.loss is not None else "-"
-        return sid, (st.state if st else "leased"), step, total, loss, _duration(eta)
+        return (sid, (st.state if st else "leased"), step, total, loss, _duration(eta), eta,
+                total / rate if rate else None)
 
-    def _counts(self, p: dict[str, Any]) -> str:
+    def _counts(self, p: dict[str, Any], rows: list[tuple] = ()) -> str:
         finished = p["done"] + p["failed"]
         elapsed = time.monotonic() - self.t0
-        eta = elapsed / finished * (p["total"] - finished) if finished else None
+        eta = elapsed / finished * (p["total"] - finished) if finished else self._first_eta(p, rows)
         return (f"{finished}/{p['total']} subjects finished ({p['done']} done, {p['failed']} failed), "
                 f"{p['training']} training, {p['pending']} queued; {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
+
+    def _first_eta(self, p: dict[str, Any], rows: list[tuple]) -> float | None:
+        """Before any subject has finished: the training subjects' remaining time, then the
+        queued ones in waves of as many, each as long as a training subject takes in all."""
+        timed = [(r[6], r[7]) for r in rows if r[6] is not None]  # (seconds left, seconds in all)
+        if not timed:
+            return None
+        waves = -(-p["pending"] // max(1, len(rows)))
+        return max(left for left, _ in timed) + waves * sum(whole for _, whole in timed) / len(timed)
 
     @staticmethod
     def _table(rows: list[tuple]) -> list[str]:
         head = ("subject", "state", "step", "steps", "loss", "ETA")
-        cells = [head, *[tuple(map(str, r)) for r in rows]]
+        cells = [head, *[tuple(map(str, r[:6])) for r in rows]]
         widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
         return ["  " + "  ".join(c[i].ljust(widths[i]) for i in range(len(head))) for c in cells]
 

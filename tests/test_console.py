@@ -68,7 +68,7 @@ def test_disabled_prints_nothing():
     assert out.getvalue() == ""
 
 
-def test_a_run_eta_before_any_subject_finishes(monkeypatch):
+def test_a_run_eta_from_the_training_subjects_step_rate(monkeypatch):
     """From the training subjects' step rate: what they have left, then the queued ones in
     waves of as many subjects, each as long as one takes."""
     clock = [100.0]

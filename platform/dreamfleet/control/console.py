@@ -63,13 +63,16 @@ class RunConsole:
     def _counts(self, p: dict[str, Any], rows: list[tuple] = ()) -> str:
         finished = p["done"] + p["failed"]
         elapsed = time.monotonic() - self.t0
-        eta = elapsed / finished * (p["total"] - finished) if finished else self._first_eta(p, rows)
+        eta = self._rate_eta(p, rows)
+        if eta is None and finished:
+            eta = elapsed / finished * (p["total"] - finished)
         return (f"{finished}/{p['total']} subjects finished ({p['done']} done, {p['failed']} failed), "
                 f"{p['training']} training, {p['pending']} queued; {_duration(elapsed)} elapsed, ETA {_duration(eta)}")
 
-    def _first_eta(self, p: dict[str, Any], rows: list[tuple]) -> float | None:
-        """Before any subject has finished: the training subjects' remaining time, then the
-        queued ones in waves of as many, each as long as a training subject takes in all."""
+    def _rate_eta(self, p: dict[str, Any], rows: list[tuple]) -> float | None:
+        """From the training subjects' step rates: their remaining time, then the queued ones
+        in waves of as many, each as long as a training subject takes in all (None before any
+        rate is known; then finished subjects' mean time stands in)."""
         timed = [(r[6], r[7]) for r in rows if r[6] is not None]  # (seconds left, seconds in all)
         if not timed:
             return None

@@ -46,6 +46,8 @@ def setup_logging(verbose: bool) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # bitsandbytes warns on import that an optional CPU kernel package is missing
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

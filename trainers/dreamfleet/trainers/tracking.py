@@ -1,6 +1,6 @@
-"""Experiment tracking of training: TensorBoard event files and MLflow runs, one per subject.
+"""Experiment tracking of training: TensorBoard event files, MLflow and W&B runs, one per subject.
 
-Both are loop hooks around the runtime's own (:func:`tracking_hooks`), on rank 0 only, each
+Each is a loop hook around the runtime's own (:func:`tracking_hooks`), on rank 0 only, each
 turned on by its config field: ``tensorboard_dir`` (scalars ``train/loss``, ``train/lr``,
 ``train/grad_norm``, ..., and best-step selection's ``eval/subject``, ``eval/prompt``,
 ``eval/prompt_ratio``), ``mlflow_tracking_uri`` (an MLflow run per subject in the
@@ -37,38 +37,20 @@ def metric_tag(key: str) -> str:
     return f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
 
 
-def _chain(hooks: LoopHooks, log: Callable[[int, dict[str, float]], None]) -> LoopHooks:
-    inner = hooks.on_step
+class TensorBoardRun:
+    """One subject's TensorBoard event files, under its config's ``tensorboard_dir``/<subject>/."""
 
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        if inner is not None:
-            inner(step, metrics)
-        log(step, metrics)
+    def __init__(self, p: Any):
+        from tensorboardX import SummaryWriter
 
-    return replace(hooks, on_step=on_step)
+        self.writer = SummaryWriter(f"{p.cfg.tensorboard_dir.rstrip('/')}/{p.subject.subject_id}")
 
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(metric_tag(key), value, step)
 
-def tensorboard_hooks(prepared: Sequence[Any], hooks: LoopHooks, *, packed: bool,
-                      is_main: bool) -> tuple[LoopHooks, Callable[..., None]]:
-    """``hooks`` with each subject's step metrics also written as TensorBoard scalars under its
-    config's ``tensorboard_dir``/<subject>/, and the function that closes the writers."""
-    dirs = {p.subject.subject_id: d for p in prepared if (d := getattr(p.cfg, "tensorboard_dir", None))}
-    if not dirs or not is_main:
-        return hooks, lambda failed=False: None
-    from tensorboardX import SummaryWriter
-
-    writers = {sid: SummaryWriter(f"{d.rstrip('/')}/{sid}") for sid, d in dirs.items()}
-
-    def log(step: int, metrics: dict[str, float]) -> None:
-        for sid, writer in writers.items():
-            for key, value in subject_metrics(metrics, sid, packed).items():
-                writer.add_scalar(metric_tag(key), value, step)
-
-    def close(failed: bool = False) -> None:
-        for writer in writers.values():
-            writer.close()
-
-    return _chain(hooks, log), close
+    def close(self, failed: bool = False) -> None:
+        self.writer.close()
 
 
 class MlflowRun:
@@ -137,15 +119,18 @@ class WandbRun:
 
 def run_hooks(factory: Callable[[Any], Any], field: str, prepared: Sequence[Any], hooks: LoopHooks, *, packed: bool,
               is_main: bool) -> tuple[LoopHooks, Callable[..., None]]:
-    """``hooks`` with each subject's step metrics also logged to its run (``factory(p)``, an
-    :class:`MlflowRun` or :class:`WandbRun`) where its config sets ``field``, and the
-    function that ends the runs."""
+    """``hooks`` with each subject's step metrics also logged to its run (``factory(p)``: a
+    :class:`TensorBoardRun`, :class:`MlflowRun` or :class:`WandbRun`) where its config sets
+    ``field`` (rank 0 only), and the function that ends the runs."""
     wanted = [p for p in prepared if getattr(p.cfg, field, None)]
     if not wanted or not is_main:
         return hooks, lambda failed=False: None
     runs = {p.subject.subject_id: factory(p) for p in wanted}
+    inner = hooks.on_step
 
-    def log(step: int, metrics: dict[str, float]) -> None:
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if inner is not None:
+            inner(step, metrics)
         for sid, run in runs.items():
             run.log(step, subject_metrics(metrics, sid, packed))
 
@@ -153,14 +138,14 @@ def run_hooks(factory: Callable[[Any], Any], field: str, prepared: Sequence[Any]
         for run in runs.values():
             run.close(failed)
 
-    return _chain(hooks, log), close
+    return replace(hooks, on_step=on_step), close
 
 
 def tracking_hooks(prepared: Sequence[Any], hooks: LoopHooks, *, packed: bool,
                    is_main: bool) -> tuple[LoopHooks, Callable[..., None]]:
     """``hooks`` with TensorBoard, MLflow and W&B tracking where the configs ask for them, and
     the function that closes them all (``close(failed=True)`` when training raised)."""
-    hooks, close_tb = tensorboard_hooks(prepared, hooks, packed=packed, is_main=is_main)
+    hooks, close_tb = run_hooks(TensorBoardRun, "tensorboard_dir", prepared, hooks, packed=packed, is_main=is_main)
     hooks, close_mlflow = run_hooks(MlflowRun, "mlflow_tracking_uri", prepared, hooks, packed=packed, is_main=is_main)
     hooks, close_wandb = run_hooks(WandbRun, "wandb_project", prepared, hooks, packed=packed, is_main=is_main)
 

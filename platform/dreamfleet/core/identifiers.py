@@ -89,3 +89,10 @@ def check_class_noun(class_noun: str, *, subject: str = "") -> str:
     if not isinstance(class_noun, str) or not class_noun.strip():
         raise ConfigError(f"{where}class noun is empty; pass the subject's class, e.g. --class-noun dog")
     return " ".join(class_noun.split())
+
+
+def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
+    """A prompt template with ``{identifier}``/``{class_noun}`` or DreamBench's ``{0}``/``{1}``
+    filled in, spaces collapsed (an empty identifier leaves no double space)."""
+    text = template.format(identifier, class_noun, identifier=identifier, class_noun=class_noun)
+    return " ".join(text.split())

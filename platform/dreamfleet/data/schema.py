@@ -13,6 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from dreamfleet.core.identifiers import fill_prompt
+
 MANIFEST_VERSION = 1
 VERSION_KEY = b"dreamfleet.manifest.version"
 INFO_KEY = b"dreamfleet.manifest.info"
@@ -64,7 +66,7 @@ class SubjectRecord:
     def prompts(self, identifier: str | None = None) -> list[str]:
         """The evaluation prompts filled in with ``identifier`` (default: the record's) and the class noun."""
         token = identifier if identifier is not None else (self.identifier or "")
-        return [" ".join(p.format(token, self.class_noun).split()) for p in self.eval_prompts]
+        return [fill_prompt(p, token, self.class_noun) for p in self.eval_prompts]
 
     def to_row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)

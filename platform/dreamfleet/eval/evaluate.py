@@ -22,6 +22,7 @@ from PIL import Image
 from dreamfleet.core.config import cfg
 from dreamfleet.core.errors import ConfigError
 from dreamfleet.core.expert import open_expert
+from dreamfleet.core.identifiers import fill_prompt
 from dreamfleet.core.images import image_grid
 
 log = logging.getLogger("dreamfleet")
@@ -59,7 +60,7 @@ class SubjectCase:
 
     def prompts(self, with_identifier: bool = True) -> list[str]:
         token = self.identifier if with_identifier else ""
-        return [" ".join(t.format(token, self.class_noun).split()) for t in self.prompt_templates]
+        return [fill_prompt(t, token, self.class_noun) for t in self.prompt_templates]
 
 
 def native_resolution(pipe) -> int:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from dreamfleet.core.artifacts import read_json, write_json
 from dreamfleet.core.errors import ConfigError
+from dreamfleet.core.identifiers import fill_prompt
 from dreamfleet.trainers.loop import LoopHooks, Objective, load_trainable_state, trainable_state
 
 log = logging.getLogger("dreamfleet")
@@ -68,12 +69,6 @@ def load_scorer(cfg: Any, device: str = "cpu") -> Scorer:
     return factory(dino_model=cfg.select_dino_model, clip_model=cfg.select_clip_model, device=device)
 
 
-def fill(template: str, identifier: str, class_noun: str) -> str:
-    """A prompt template with ``{identifier}``/``{class_noun}`` or DreamBench's ``{0}``/``{1}`` filled in."""
-    text = template.format(identifier, class_noun, identifier=identifier, class_noun=class_noun)
-    return " ".join(text.split())
-
-
 @dataclass
 class SelectionState:
     """What a checkpoint keeps of the selection: the base scores, every step's, the best one."""
@@ -106,8 +101,8 @@ class Selector:
         self.p, self.cfg, self.objective, self.scorer, self.engine = p, p.cfg, objective, scorer, engine
         templates = p.cfg.select_prompts or p.subject.prompts or p.cfg.validation_prompts
         self.templates = list(templates)
-        self.prompts = [fill(t, p.identifier, p.subject.class_noun) for t in self.templates]
-        self.plain = [fill(t, "", p.subject.class_noun) for t in self.templates]
+        self.prompts = [fill_prompt(t, p.identifier, p.subject.class_noun) for t in self.templates]
+        self.plain = [fill_prompt(t, "", p.subject.class_noun) for t in self.templates]
         self.state = SelectionState()
         self.eval_seconds = 0.0
 

@@ -197,22 +197,28 @@ def test_an_ema_expert_publishes_the_averaged_weights(tmp_path):
     assert ema.info.config["ema_decay"] == 0.9
 
 
+def export_trained(tmp_path, sid: str, cfg, *flags: str):
+    """Train ``cfg`` on the test subject, publish it as ``sid`` in tmp_path/reg and run
+    `dreamfleet experts export SID ... --out tmp_path/SID.safetensors`: (result, exit code, file)."""
+    from dreamfleet.cli.main import main
+    from dreamfleet.registry import Registry
+
+    r = train_subject(subject(), "tiny-random", cfg, tmp_path / sid, class_cache=ClassImageCache(tmp_path / "c"),
+                      progress=False)
+    Registry(tmp_path / "reg").publish(sid, r.expert_dir)
+    out = tmp_path / f"{sid}.safetensors"
+    return r, main(["experts", "export", sid, "--registry", str(tmp_path / "reg"), *flags, "--out", str(out)]), out
+
+
 def test_kohya_export_loads_back_in_plain_diffusers_with_identical_output(tmp_path, capsys):
     """`dreamfleet experts export SUBJECT --format kohya`: one file in the kohya/A1111 layout
     (lora_unet_*, lora_te1_*, lora_down/lora_up and each layer's alpha, here the expert's 8, not
     the rank), which StableDiffusionPipeline.load_lora_weights converts back and renders exactly
     as it renders the expert's own file. What it cannot export is refused, saying why."""
-    from dreamfleet.cli.main import main
-    from dreamfleet.registry import Registry
-
     cfg = fast_config(steps=4, learning_rate=1e-2, lora_rank=4, lora_alpha=8, train_text_encoder=True,
                       with_prior_preservation=False)
-    r = train_subject(subject(), "tiny-random", cfg, tmp_path / "e", class_cache=ClassImageCache(tmp_path / "c"),
-                      progress=False)
-    reg = Registry(tmp_path / "reg")
-    reg.publish("opt0", r.expert_dir)
-    out = tmp_path / "opt0.safetensors"
-    assert main(["experts", "export", "opt0", "--registry", str(tmp_path / "reg"), "--out", str(out)]) == 0
+    r, code, out = export_trained(tmp_path, "opt0", cfg)
+    assert code == 0
     kohya = load_file(str(out))
     assert all(k.startswith(("lora_unet_", "lora_te1_")) for k in kohya), sorted(kohya)[:5]
     assert any(k.startswith("lora_te1_") for k in kohya) and any(".lora_down.weight" in k for k in kohya)
@@ -228,10 +234,7 @@ def test_kohya_export_loads_back_in_plain_diffusers_with_identical_output(tmp_pa
     # dreamfleet's loader (from memory, alpha folded into the up-projections) renders the same
     # picture up to float rounding; it ignored alpha before (0.067 off at alpha 8, rank 4)
     assert np.abs(theirs - _render(ours, info.instance_prompt)).max() < 1e-5
-    full = train_subject(subject(), "tiny-random", fast_config(steps=1, method="full", with_prior_preservation=False),
-                         tmp_path / "full", class_cache=ClassImageCache(tmp_path / "c"), progress=False)
-    reg.publish("full0", full.expert_dir)
-    assert main(["experts", "export", "full0", "--registry", str(tmp_path / "reg"), "--out", str(tmp_path / "f")]) == 2
+    assert export_trained(tmp_path, "full0", fast_config(steps=1, method="full", with_prior_preservation=False))[1] == 2
     assert "method=full" in capsys.readouterr().err
 
 
@@ -278,18 +281,10 @@ def test_a_full_expert_exports_as_one_checkpoint_that_from_single_file_loads(tmp
     converts it back and renders what dreamfleet's own pipeline of the expert renders."""
     from diffusers import StableDiffusionPipeline
 
-    from dreamfleet.cli.main import main
-    from dreamfleet.registry import Registry
-
     cfg = fast_config(steps=2, method="full", train_text_encoder=True, learning_rate=1e-3,
                       with_prior_preservation=False)
-    r = train_subject(subject(), "tiny-random", cfg, tmp_path / "e", class_cache=ClassImageCache(tmp_path / "c"),
-                      progress=False)
-    reg = Registry(tmp_path / "reg")
-    reg.publish("full0", r.expert_dir)
-    out = tmp_path / "full0.safetensors"
-    assert main(["experts", "export", "full0", "--registry", str(tmp_path / "reg"), "--format", "ldm",
-                 "--out", str(out)]) == 0
+    r, code, out = export_trained(tmp_path, "full0", cfg, "--format", "ldm")
+    assert code == 0
     keys = load_file(str(out)).keys()
     assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
@@ -301,9 +296,6 @@ def test_a_full_expert_exports_as_one_checkpoint_that_from_single_file_loads(tmp
     single.scheduler = stock.scheduler
     assert np.abs(_render(single, info.instance_prompt) - _render(stock, info.instance_prompt)).max() > 1e-3
     assert np.abs(_render(single, info.instance_prompt) - _render(ours, info.instance_prompt)).max() < 1e-5
-    lora = train_subject(subject(), "tiny-random", fast_config(steps=1, with_prior_preservation=False),
-                         tmp_path / "lora", class_cache=ClassImageCache(tmp_path / "c"), progress=False)
-    reg.publish("lora0", lora.expert_dir)
-    assert main(["experts", "export", "lora0", "--registry", str(tmp_path / "reg"), "--format", "ldm",
-                 "--out", str(tmp_path / "x")]) == 2
+    assert export_trained(tmp_path, "lora0", fast_config(steps=1, with_prior_preservation=False),
+                          "--format", "ldm")[1] == 2
     assert "--format kohya" in capsys.readouterr().err

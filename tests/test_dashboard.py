@@ -150,6 +150,13 @@ def test_serving_numbers_from_prometheus_text():
     assert snap["requests_ok"] == 3 and snap["requests_error"] == 1
     assert snap["cache_hit_rate"] == pytest.approx(0.667) and snap["p50_ms"] == pytest.approx(137.5)
     assert snap["replicas"]["r1"]["loaded_count"] == 2 and snap["replicas"]["r1"]["stats"]["loads_disk"] == 1
+    # 4xx answers are rejections, not errors; exported recent quantiles win over the buckets' estimate
+    exact = snapshot_from_metrics(text + "\n" + "\n".join([
+        'dreamfleet_requests_total{code="422",outcome="rejected",route="generate"} 5.0',
+        'dreamfleet_request_latency_recent_seconds{quantile="0.5"} 1.442',
+        'dreamfleet_request_latency_recent_seconds{quantile="0.99"} 1.635']))
+    assert exact["requests_error"] == 1 and exact["requests_rejected"] == 5
+    assert (exact["p50_ms"], exact["p99_ms"]) == (1442.0, 1635.0)
 
 
 # --------------------------------------------------------------------------- the real thing, in a browser

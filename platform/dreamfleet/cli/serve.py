@@ -131,6 +131,22 @@ def dashboard_application(args: dict[str, Any]):
     return dashboard_for_serve(serve_config(args), address=address)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server listens on. Ray's HTTP proxy binds with SO_REUSEPORT, so a
+    second embedded `dreamfleet serve` would otherwise start on the same port and the two would
+    split the traffic."""
+    from dreamfleet.core.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"port {port} on {host} is in use ({e.strerror}): another server (a running "
+                              "`dreamfleet serve`?) listens there; stop it or pass another --port") from None
+
+
 def start(cfg, *, address: str | None = None, detach: bool = True):
     """Deploy the app on Ray Serve; returns the base URL."""
     import ray
@@ -140,6 +156,8 @@ def start(cfg, *, address: str | None = None, detach: bool = True):
     from dreamfleet.serving.app import build_app
 
     if not ray.is_initialized():
+        if address is None:  # an embedded Ray starts its own HTTP proxy here
+            check_port_free(cfg.host, cfg.port)
         connect_ray(address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     from dreamfleet.control.profusion_jobs import jobs_deployment

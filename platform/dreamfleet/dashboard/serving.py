@@ -51,16 +51,17 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
 
 def snapshot_from_metrics(text: str) -> dict[str, Any]:
     """The `/v1/serving` shape, rebuilt from the Prometheus text of `/metrics`."""
-    ok = err = 0.0
+    counts = {"ok": 0.0, "rejected": 0.0, "error": 0.0}
+    exact: dict[str, float] = {}
     cache = {"hit": 0.0, "host": 0.0, "disk": 0.0}
     buckets: dict[float, float] = {}
     replicas: dict[str, dict[str, Any]] = {}
     for name, labels, value in parse_prometheus(text):
         if name == "dreamfleet_requests_total":
-            if labels.get("outcome") == "ok":
-                ok += value
-            else:
-                err += value
+            outcome = labels.get("outcome", "error")
+            counts[outcome if outcome in counts else "error"] += value
+        elif name == "dreamfleet_request_latency_recent_seconds":
+            exact[labels.get("quantile", "")] = value
         elif name == "dreamfleet_expert_cache_total" and labels.get("result") in cache:
             cache[labels["result"]] += value
         elif name == "dreamfleet_request_latency_seconds_bucket":
@@ -75,15 +76,18 @@ def snapshot_from_metrics(text: str) -> dict[str, Any]:
             elif name == "dreamfleet_replica_evictions":
                 rep["stats"]["evictions"] = int(value)
     pairs = list(buckets.items())
-    p50, p99 = _quantile(pairs, 0.5), _quantile(pairs, 0.99)
+    p50 = exact.get("0.5", _quantile(pairs, 0.5))  # exact over the last 5 minutes, when the server exports them
+    p99 = exact.get("0.99", _quantile(pairs, 0.99))
     total = sum(cache.values())
     return {
-        "replicas": replicas, "requests_ok": ok, "requests_error": err, "rate_per_min": None,
+        "replicas": replicas, "requests_ok": counts["ok"], "requests_rejected": counts["rejected"],
+        "requests_error": counts["error"], "rate_per_min": None,
         "p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
         "p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
         "cache": cache, "cache_hit_rate": round(cache["hit"] / total, 3) if total else None,
         "source": "metrics", "note": "from /metrics (pass an admin key for per-replica expert names); "
-                                     "latency percentiles estimated from histogram buckets",
+                                     + ("latency percentiles of the last 5 minutes" if exact
+                                        else "latency percentiles estimated from histogram buckets"),
     }
 
 

@@ -26,7 +26,7 @@ class ServeConfig:
     insecure: bool = cfg(False, "allow binding a non-loopback address without API keys")
     max_steps: int = cfg(100, "largest steps a request may ask for")
     max_images: int = cfg(8, "largest num_images / n")
-    min_side: int = cfg(64, "smallest width/height")
+    min_side: int = cfg(8, "smallest width/height on any expert (each expert's floor is half its base's native side)")
     max_side: int = cfg(1024, "largest width/height")
     max_body_bytes: int = cfg(12_000_000, "largest request body (room for 8 demonstrations of max_demo_bytes)")
     apprentice: str | None = cfg(None, "apprentice folder: serve requests with 'demonstrations' instead of 'subject'")
@@ -40,6 +40,15 @@ class ServeConfig:
     profusion_views: int = cfg(31, "augmented views of a one-photo job's photo")
     profusion_batch_size: int = cfg(4, "views per customisation step")
     max_profusion_jobs: int = cfg(2, "one-photo customisations running at once (more answer 429)")
+    request_timeout_s: float = cfg(120.0, "deadline of a generation request (504 past it); a client may ask for "
+                                          "another with the X-Request-Timeout header, up to max_request_timeout_s")
+    max_request_timeout_s: float = cfg(600.0, "longest deadline a request may ask for")
+    max_pixel_steps: int = cfg(16_777_216, "largest width * height * steps * images of one request (422 past it): "
+                                           "bounds the work one request can make")
+    max_ongoing_requests: int = cfg(32, "requests a model replica works on at once (Ray Serve max_ongoing_requests)")
+    max_queued_requests: int = cfg(64, "requests waiting for a model replica; more answer 503 with Retry-After")
+    rate_limit_per_min: float = cfg(600.0, "generation requests per minute per tenant (429 past it; 0: no limit)")
+    rate_limit_burst: int = cfg(60, "requests a tenant may send at once above its rate")
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.max_models_per_replica < 1 or self.max_batch_size < 1:
@@ -48,5 +57,10 @@ class ServeConfig:
             raise ConfigError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
         if self.min_side % 8 or self.max_side % 8 or self.min_side > self.max_side:
             raise ConfigError("min_side and max_side must be multiples of 8 with min_side <= max_side")
+        if not 0 < self.request_timeout_s <= self.max_request_timeout_s:
+            raise ConfigError("request_timeout_s must be > 0 and at most max_request_timeout_s")
+        if min(self.max_pixel_steps, self.max_ongoing_requests, self.max_queued_requests, self.rate_limit_burst) < 1:
+            raise ConfigError("max_pixel_steps, max_ongoing_requests, max_queued_requests and rate_limit_burst "
+                              "must be at least 1")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")

@@ -58,7 +58,7 @@ class _Loaded:
             self.engine.evict(self.subject_id, self.version)
 
 
-@serve.deployment(max_ongoing_requests=64)
+@serve.deployment  # max_ongoing_requests and max_queued_requests: set in build_app from the config
 class ExpertModel:
     def __init__(self, cfg_dict: dict[str, Any]):
         from dreamfleet.serving.engine import ExpertEngine
@@ -79,35 +79,43 @@ class ExpertModel:
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
 
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
+        """One request's images. ``item["deadline"]``: ``time.time()`` seconds it must finish by.
+        A request cancelled by its caller (the client went away, or the ingress's deadline hit)
+        stops its pass between denoising steps, once every request in the pass is dead."""
+        from dreamfleet.serving.engine import ExpertUnavailable, Ticket
+
         model_id = serve.get_multiplexed_model_id()
         key = ExpertKey.parse(model_id)
         cache = "hit" if key in self.engine.active else ("host" if key in self.engine.host else "disk")
-        await self.get_model(model_id)
-        images = await self._batched({**item, "model_id": model_id})
+        ticket = Ticket(deadline=item.pop("deadline", None))
+        try:
+            try:
+                await self.get_model(model_id)
+            except Exception as e:  # e.g. a truncated weights file: this expert only
+                log.exception("loading %s failed", model_id)
+                return {"images": ExpertUnavailable(f"expert {model_id} could not be loaded ({type(e).__name__}: {e})"),
+                        "cache": cache, "replica": self.replica, "stats": self.engine.stats.as_dict(),
+                        "loaded": self.engine.loaded()}
+            images = await self._batched({**item, "model_id": model_id, "ticket": ticket})
+        except asyncio.CancelledError:
+            ticket.cancelled.set()
+            raise
         return {"images": images, "cache": cache, "replica": self.replica,
                 "stats": self.engine.stats.as_dict(), "loaded": self.engine.loaded()}
 
     @serve.batch  # max_batch_size and batch_wait_timeout_s: set in __init__ from the config
     async def _batched(self, items: list[dict[str, Any]]) -> list[Any]:
-        from dreamfleet.serving.engine import GenItem
+        """Requests that arrived together, for any experts: the engine renders plain LoRA
+        experts of one base model in one pass, the others per expert."""
+        from dreamfleet.serving.engine import GenItem, Job
 
-        results: list[Any] = [None] * len(items)
-        by_model: dict[str, list[int]] = {}
-        for i, it in enumerate(items):
-            by_model.setdefault(it["model_id"], []).append(i)
-        loop = asyncio.get_running_loop()
-        for model_id, idx in by_model.items():
-            key = ExpertKey.parse(model_id)
-            gen_items = [GenItem(**{k: v for k, v in items[i].items() if k != "model_id"}) for i in idx]
-            try:
-                images = await loop.run_in_executor(None, self.engine.generate, *key, gen_items)
-                for i, imgs in zip(idx, images, strict=True):
-                    results[i] = [_png_b64(im) for im in imgs]
-            except Exception as e:  # one expert's failure does not fail the others in the batch
-                log.exception("generation failed for %s", model_id)
-                for i in idx:
-                    results[i] = e
-        return results
+        jobs = []
+        for it in items:
+            key = ExpertKey.parse(it["model_id"])
+            fields = {k: v for k, v in it.items() if k not in ("model_id", "ticket")}
+            jobs.append(Job(key.subject_id, key.version, GenItem(**fields), it["ticket"]))
+        results = await asyncio.get_running_loop().run_in_executor(None, self.engine.generate_jobs, jobs)
+        return [r if isinstance(r, Exception) else [_png_b64(im) for im in r] for r in results]
 
     async def stats(self) -> dict[str, Any]:
         return {"replica": self.replica, "stats": self.engine.stats.as_dict(), "loaded": self.engine.loaded()}

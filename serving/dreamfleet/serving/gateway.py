@@ -7,7 +7,9 @@ subclasses it and only declares the routes, each a call of one method here with 
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import copy
 import logging
 import secrets
 import time
@@ -24,9 +26,52 @@ from dreamfleet.serving.config import ServeConfig
 log = logging.getLogger("dreamfleet.serving")
 
 
-def _failed(rid: str) -> JSONResponse:
-    return JSONResponse(status_code=500, headers={"X-Dreamfleet-Request-ID": rid}, content={
-        "error": "generation failed inside the model; the server is still up", "request_id": rid})
+DIT_FAMILIES = ("sd3", "flux", "zimage")  # latents patchified 2x2: sides in multiples of 16
+
+
+def failure(status: int, message: str, rid: str, *, retry_after: str | None = None) -> JSONResponse:
+    """A 5xx (or 429) answer with the request id, in the body and in a header."""
+    headers = {"X-Dreamfleet-Request-ID": rid, **({"Retry-After": retry_after} if retry_after else {})}
+    return JSONResponse(status_code=status, headers=headers, content={"error": message, "request_id": rid})
+
+
+def openai_error(status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+    """OpenAI's error shape, which the official SDK shows: ``{"error": {message, type, param, code}}``."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    kind = "rate_limit_error" if status == 429 else kind
+    return JSONResponse(status_code=status, headers=headers, content={
+        "error": {"message": message, "type": kind, "param": param, "code": code or str(status)}})
+
+
+def as_openai(answer: JSONResponse) -> JSONResponse:
+    """A dreamfleet error answer (``failure``) in OpenAI's shape, same status and headers."""
+    import json
+
+    body = json.loads(answer.body)
+    headers = {k: v for k, v in answer.headers.items() if k.lower() in ("retry-after", "x-dreamfleet-request-id")}
+    return openai_error(answer.status_code, f"{body['error']} (request id {body['request_id']})",
+                        code=str(answer.status_code), headers=headers)
+
+
+def failure_for(exc: BaseException, rid: str, timeout: float) -> JSONResponse:
+    """What a failed generation answers: 504 past its deadline, 503 when an expert cannot be
+    loaded, the replica's queue is full or the replica died (retry), 500 for a failure inside the model."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    from dreamfleet.serving.engine import Cancelled, ExpertUnavailable
+
+    if isinstance(exc, Cancelled | asyncio.TimeoutError):
+        return failure(504, f"the request ran past its deadline of {timeout:g} s and was stopped", rid)
+    if isinstance(exc, ExpertUnavailable):
+        return failure(503, str(exc), rid)
+    if isinstance(exc, BackPressureError):
+        return failure(503, "every model replica's queue is full; retry later", rid, retry_after="2")
+    if isinstance(exc, RayActorError) or type(exc).__name__ in ("ActorDiedError", "ActorUnavailableError"):
+        return failure(503, "the model replica serving this request went away; retry (Serve restarts it)", rid,
+                       retry_after="2")
+    return failure(500, "generation failed inside the model; the server is still up", rid)
 
 
 class Gateway:
@@ -46,7 +91,10 @@ class Gateway:
             self.apprentice_info = ApprenticeInfo.read(self.cfg.apprentice)
         self.registry = Registry(self.cfg.registry, create=False)
         self.keys = keys_for(self.cfg.keys, self.cfg.registry)
-        self.metrics = ServingMetrics()
+        from dreamfleet.serving.limits import TenantRateLimit
+
+        self.metrics = ServingMetrics.for_process()
+        self.limiter = TenantRateLimit(self.cfg.rate_limit_per_min, self.cfg.rate_limit_burst)
         self._latest: dict[str, tuple[float, str | None]] = {}
         self._infos: dict[tuple[str, str], Any] = {}
 
@@ -111,27 +159,75 @@ class Gateway:
             raise HTTPException(422, detail=[{"loc": ["body", "prompt"], "type": "too_long",
                                               "msg": f"prompt is {n} tokens, over the limit of {tok.model_max_length}"}])
 
-    async def _run(self, info, version, prompt, n, steps, guidance, seed, width, height, route, fusion=None):
+    async def _run(self, info, version, item: dict[str, Any], timeout: float):
+        """Ask the model deployment for one request's images: (images, request id, None), or
+        (None, request id, the error answer). Past ``timeout`` the request is cancelled on the
+        replica too (its pass stops between denoising steps), as when the client goes away."""
         rid = uuid.uuid4().hex[:16]
-        item = {"prompt": prompt, "num_images": n, "steps": steps, "guidance_scale": guidance,
-                "seed": seed, "width": width, "height": height, "fusion": fusion}
+        handle = self.model.options(multiplexed_model_id=str(ExpertKey(info.subject_id, version)))
+        response = handle.generate.remote({**item, "deadline": time.time() + timeout})
         try:
-            handle = self.model.options(multiplexed_model_id=str(ExpertKey(info.subject_id, version)))
-            reply = await handle.generate.remote(item)
+            reply = await asyncio.wait_for(response, timeout)
             images = reply["images"]
             if isinstance(images, Exception):
                 raise images
-        except Exception:
-            log.exception("request %s failed", rid)
-            self.metrics.failure(route)
-            return None, rid, _failed(rid)
+        except asyncio.CancelledError:  # the client went away
+            response.cancel()
+            raise
+        except Exception as e:
+            response.cancel()
+            log.warning("request %s failed: %s: %s", rid, type(e).__name__, e)
+            return None, rid, failure_for(e, rid, timeout)
         self.metrics.generation(reply, len(images))
         return images, rid, None
 
-    def _size(self, info, width, height):
-        native = int(info.base_model.get("resolution") or self.cfg.min_side)
-        side = min(max(native, self.cfg.min_side), self.cfg.max_side)
-        return width or side, height or side
+    def _timeout(self, header: str | None) -> float:
+        """The request's deadline in seconds: the X-Request-Timeout header, else the server's default."""
+        if header is None:
+            return self.cfg.request_timeout_s
+        try:
+            value = float(header)
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= self.cfg.max_request_timeout_s:
+            raise HTTPException(422, detail=[{"loc": ["header", "X-Request-Timeout"], "type": "bad_timeout",
+                                              "msg": f"must be seconds in (0, {self.cfg.max_request_timeout_s:g}]"}])
+        return value
+
+    def _admit(self, caller) -> None:
+        """429 with Retry-After when the caller's tenant is over its rate."""
+        tenant = caller.tenant or (f"key:{caller.key_id}" if caller.key_id else "anonymous")
+        wait = self.limiter.admit(tenant)
+        if wait is not None:
+            from dreamfleet.serving.limits import retry_after
+
+            raise HTTPException(429, f"tenant {tenant!r} is over its rate of {self.cfg.rate_limit_per_min:g} "
+                                     "requests a minute; retry later", headers={"Retry-After": retry_after(wait)})
+
+    def _budget(self, width: int, height: int, steps: int, n: int) -> None:
+        """422 naming the limit when a request asks for more work than one request may."""
+        from dreamfleet.serving.limits import pixel_steps
+
+        work = pixel_steps(width, height, steps, n)
+        if work > self.cfg.max_pixel_steps:
+            raise HTTPException(422, detail=[{"loc": ["body"], "type": "too_much_work", "msg":
+                f"{width}x{height} px x {steps} steps x {n} images = {work} pixel-steps, over this server's "
+                f"max_pixel_steps of {self.cfg.max_pixel_steps}; ask for fewer pixels, steps or images"}])
+
+    def _size(self, info, width, height, loc: str | None = None):
+        """The request's size: the base model's native side by default; each side at least half
+        the native side (and ``min_side``), in the multiples the family's latents need."""
+        native = int(info.base_model.get("resolution") or 512)
+        multiple = 16 if info.base_model.get("family", "sd") in DIT_FAMILIES else 8
+        floor = max(self.cfg.min_side, native // 2 // multiple * multiple, multiple)
+        side = min(max(native, floor), self.cfg.max_side)
+        width, height = width or side, height or side
+        for name, v in (("width", width), ("height", height)):
+            if v < floor or v % multiple:
+                raise HTTPException(422, detail=[{"loc": ["body", loc or name], "type": "bad_size", "msg":
+                    f"{name} {v}: this expert's base model ({info.base_model.get('spec')}) renders sides of at "
+                    f"least {floor} px in multiples of {multiple} (native {native} px)"}])
+        return width, height
 
     def _demonstrations(self, body) -> list[bytes]:
         """Decoded demonstration bytes, or 422 naming the one that is bad."""
@@ -161,7 +257,7 @@ class Gateway:
                                    f"{self.cfg.max_demo_side} px a side")
         return data
 
-    async def _generate_zero_shot(self, body, t0):
+    async def _generate_zero_shot(self, body, timeout: float):
         from dreamfleet.core.apprentice import fill_prompt
 
         if self.apprentice is None:
@@ -173,19 +269,23 @@ class Gateway:
         prompt = fill_prompt(body.prompt, info.identifier, body.class_noun)
         self._check_prompt(info.base_model["spec"], prompt)
         width, height = self._size(info, body.width, body.height)
+        self._budget(width, height, body.steps, body.num_images)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
         rid = uuid.uuid4().hex[:16]
         item = {"demonstrations": demos, "prompt": body.prompt, "class_noun": body.class_noun,
                 "num_images": body.num_images, "steps": body.steps, "guidance_scale": body.guidance_scale,
                 "seed": seed, "width": width, "height": height}
+        response = self.apprentice.generate.remote(item)
         try:
-            reply = await self.apprentice.generate.remote(item)
-        except Exception:
-            log.exception("request %s failed", rid)
-            self.metrics.failure("generate")
-            return _failed(rid)
+            reply = await asyncio.wait_for(response, timeout)
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as e:
+            response.cancel()
+            log.warning("request %s failed: %s: %s", rid, type(e).__name__, e)
+            return failure_for(e, rid, timeout)
         self.metrics.generation(reply, len(reply["images"]))
-        self.metrics.observe("generate", time.perf_counter() - t0)
         return JSONResponse(headers={"X-Dreamfleet-Request-ID": rid}, content={
             "images": reply["images"], "subject": None, "apprentice": info.identifier,
             "demonstrations": len(demos), "seed": seed, "prompt": prompt, "width": width, "height": height,
@@ -193,44 +293,51 @@ class Gateway:
 
     # ------------------------------------------------------------------ routes (Ingress delegates)
 
-    async def handle_generate(self, body, authorization: str | None):
+    async def handle_generate(self, body, authorization: str | None, timeout_header: str | None = None):
         """``POST /v1/generate``: an expert's images, or the apprentice's for demonstrations."""
-        t0 = time.perf_counter()
         caller = self._caller(authorization)
+        timeout = self._timeout(timeout_header)
+        self._admit(caller)
         if body.demonstrations is not None:
-            return await self._generate_zero_shot(body, t0)  # any valid key: no tenant's data
+            return await self._generate_zero_shot(body, timeout)  # any valid key: no tenant's data
         info, version = self._resolve(caller, body.subject, body.version)
         prompt = info.prompt(body.prompt)
         self._check_prompt(info.base_model["spec"], prompt)
         width, height = self._size(info, body.width, body.height)
+        self._budget(width, height, body.steps, body.num_images)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
         if body.fusion is not None and info.base_model.get("family", "sd") != "sd":
             raise HTTPException(422, detail=[{"loc": ["body", "fusion"], "type": "unsupported",
                                               "msg": "Fusion Sampling runs on Stable Diffusion 1.x/2.x experts"}])
-        fusion = body.fusion.params() if body.fusion is not None else None
-        images, rid, error = await self._run(info, version, prompt, body.num_images, body.steps,
-                                             body.guidance_scale, seed, width, height, "generate", fusion)
+        item = {"prompt": prompt, "num_images": body.num_images, "steps": body.steps, "seed": seed,
+                "guidance_scale": body.guidance_scale, "width": width, "height": height,
+                "fusion": body.fusion.params() if body.fusion is not None else None}
+        images, rid, error = await self._run(info, version, item, timeout)
         if error is not None:
             return error
-        self.metrics.observe("generate", time.perf_counter() - t0)
         return JSONResponse(headers={"X-Dreamfleet-Request-ID": rid}, content={
             "images": images, "subject": info.subject_id, "version": version, "seed": seed,
             "prompt": prompt, "width": width, "height": height, "request_id": rid})
 
-    async def handle_openai(self, body, authorization: str | None):
-        """``POST /v1/images/generations``, OpenAI's images API; ``model`` is the subject id."""
-        t0 = time.perf_counter()
+    async def handle_openai(self, body, authorization: str | None, timeout_header: str | None = None):
+        """``POST /v1/images/generations``, OpenAI's images API; ``model`` is the subject id.
+        Errors have OpenAI's shape (``openai_error``), so the official SDK shows their message."""
         caller = self._caller(authorization)
+        timeout = self._timeout(timeout_header)
+        self._admit(caller)
         info, version = self._resolve(caller, body.model, None, field="model")
         prompt = info.prompt(body.prompt)
         self._check_prompt(info.base_model["spec"], prompt)
-        width, height = self._size(info, *(int(x) for x in body.size.split("x"))) if body.size else self._size(info, None, None)
+        size = [int(x) for x in body.size.split("x")] if body.size else [None, None]
+        width, height = self._size(info, *size, loc="size" if body.size else None)
+        steps = body.steps or self.cfg.default_steps
+        self._budget(width, height, steps, body.n)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-        images, _rid, error = await self._run(info, version, prompt, body.n, body.steps or self.cfg.default_steps,
-                                              self.cfg.default_guidance_scale, seed, width, height, "openai")
+        item = {"prompt": prompt, "num_images": body.n, "steps": steps, "seed": seed, "width": width,
+                "height": height, "guidance_scale": self.cfg.default_guidance_scale, "fusion": None}
+        images, _rid, error = await self._run(info, version, item, timeout)
         if error is not None:
-            return error
-        self.metrics.observe("openai", time.perf_counter() - t0)
+            return as_openai(error)
         return {"created": int(time.time()), "data": [{"b64_json": b, "revised_prompt": prompt} for b in images]}
 
     def _new_subject(self, requested: str | None) -> str:
@@ -317,5 +424,17 @@ class Gateway:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     def serving_snapshot(self, authorization: str | None):
-        self._caller(authorization)
-        return self.metrics.snapshot()
+        """The replicas' state; a tenant's key sees only the loaded experts it may use."""
+        caller = self._caller(authorization)
+        snap = copy.deepcopy(self.metrics.snapshot())
+        if not caller.admin:
+            for rep in snap["replicas"].values():
+                rep["loaded"] = [k for k in rep.get("loaded") or [] if self._visible(caller, k)]
+        return snap
+
+    def _visible(self, caller, model_id: str) -> bool:
+        try:
+            key = ExpertKey.parse(model_id)
+            return caller.may_use(self._info(*key).tenant)
+        except Exception:
+            return False

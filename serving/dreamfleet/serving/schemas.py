@@ -48,7 +48,7 @@ class FusionRequest(BaseModel):
     """Fusion Sampling for this request (ProFusion experts always use it; a DreamBooth expert
     uses it when asked). Unset fields keep the method's defaults; ``guidance_scale`` is w1."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     refine_step: int | None = Field(None, ge=0, le=4, description="K: fusion stages per step (0: composable guidance)")
     guidance_scale_ref: float | None = Field(None, ge=0.0, le=30.0, description="w2: guidance toward the class prompt")
@@ -64,7 +64,7 @@ class FusionRequest(BaseModel):
 class ProFusionJobRequest(BaseModel):
     """``POST /v1/profusion/jobs``: one photo and its class noun."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     photo: str = Field(min_length=1, description="the subject's photo, base64")
     class_noun: str = Field(min_length=1, max_length=64, description="the subject's class, e.g. dog")
@@ -77,7 +77,10 @@ def request_models(cfg: ServeConfig):
     """Pydantic models whose bounds come from the server's config."""
 
     class GenerateRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
+        """Give exactly one of ``subject`` (an expert) or ``demonstrations`` (photos, for the
+        zero-shot apprentice); ``class_noun`` goes only with ``demonstrations``."""
+
+        model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
         subject: str | None = Field(None, min_length=1, max_length=128, description="subject id of the expert")
         demonstrations: list[str] | None = Field(
@@ -101,7 +104,7 @@ def request_models(cfg: ServeConfig):
         subject_or_demonstrations = model_validator(mode="after")(_subject_or_demonstrations)
 
     class OpenAIImageRequest(BaseModel):
-        model_config = ConfigDict(extra="ignore", strict=True)
+        model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
         model: str = Field(min_length=1, max_length=128, description="subject id")
         prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)

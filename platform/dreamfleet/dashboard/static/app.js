@@ -298,7 +298,7 @@ const views = {
       if (!d.available) { view.innerHTML = `<h1>Serving</h1><div class="panel" id="serving-message">${esc(d.message)}</div>`; return; }
       const h = this.history; h.push(d.requests_ok || 0); if (h.length > 120) h.shift();
       const pct = v => v == null ? "–" : `${(100 * v).toFixed(1)}%`, ms = v => v == null ? "–" : `${v} ms`;
-      const cards = [["Requests", d.requests_ok, "requests-ok"], ["Errors", d.requests_error, "requests-error"], ["Rate / min", d.rate_per_min ?? "–", "rate"],
+      const cards = [["Requests", d.requests_ok, "requests-ok"], ["Errors (5xx)", d.requests_error, "requests-error"], ["Rejected (4xx)", d.requests_rejected ?? "–", "requests-rejected"], ["Rate / min", d.rate_per_min ?? "–", "rate"],
         ["p50 latency", ms(d.p50_ms), "p50"], ["p99 latency", ms(d.p99_ms), "p99"], ["Cache hit rate", pct(d.cache_hit_rate), "hit-rate"]]
         .map(([l, v, id]) => `<div class="card"><div class="label">${l}</div><div class="value" id="${id}">${esc(typeof v === "number" ? Math.round(v) : v)}</div></div>`).join("");
       const reps = Object.entries(d.replicas || {}).map(([id, r]) => {

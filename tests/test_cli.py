@@ -28,6 +28,20 @@ def test_help_lists_commands():
     assert r.returncode == 0 and "--class-noun" in r.stdout and "--method {lora,full,profusion}" in r.stdout
 
 
+def test_help_imports_no_torch(capsys):
+    """`dreamfleet --help` stays instant: no sub-command imports torch to build its flags (they
+    come when that sub-command is parsed), and those flags are still there."""
+    code = ("import sys\nfrom dreamfleet.cli.main import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("no torch"), r.stdout[-500:] + r.stderr[-2000:]
+    for command, flag in ((["eval"], "--images-per-prompt"), (["apprentice", "train"], "--min-demos"),
+                          (["profusion", "pretrain"], "--feature-channels"), (["toy", "pretrain"], "--vae-steps")):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        assert flag in capsys.readouterr().out, command
+
+
 def test_train_subject_cli_writes_expert(tmp_path, capsys):
     folder = subject_folder(tmp_path, "teddy", n=3)
     recipe = tmp_path / "recipe.yaml"

@@ -87,6 +87,23 @@ def test_user_mistakes_exit_cleanly(tmp_path, setup, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_keys_need_a_registry_that_is_there(tmp_path, capsys):
+    """A mistyped --registry is refused, naming the path, instead of creating a keys file there."""
+    from dreamfleet.registry import Registry
+
+    typo = tmp_path / "regsitry"
+    for args in (["create", "--admin"], ["list"]):
+        assert main(["keys", *args, "--registry", str(typo)]) == 2
+        err = capsys.readouterr().err
+        assert f"no registry at {typo}" in err and "--keys FILE" in err, err
+    assert not typo.exists()
+    Registry(tmp_path / "reg")
+    assert main(["keys", "create", "--admin", "--registry", str(tmp_path / "reg")]) == 0
+    assert (tmp_path / "reg" / "serving" / "keys.json").is_file()
+    assert main(["keys", "create", "--admin", "--registry", str(typo), "--keys", str(tmp_path / "keys.json")]) == 0
+    assert (tmp_path / "keys.json").is_file() and not typo.exists()
+
+
 def test_bad_manifest_override_is_refused_before_ray_starts(tmp_path):
     """A per-subject learning_rate of -1 in the manifest: `dreamfleet train` refuses the run at
     submit time, naming the subject and the field; no Ray session, no registry entry."""

@@ -131,6 +131,9 @@ def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     # trained through the fan-out: the expert is published to the demo's registry
     assert (out / "registry" / "subjects" / "ball-halves" / "versions" / "v0001" / "expert.json").is_file()
+    # its metrics stored with the expert, where the dashboard's subject page shows them
+    stored = json.loads((out / "registry" / "subjects" / "ball-halves" / "versions" / "v0001" / "eval.json").read_text())
+    assert "subject_fidelity" in stored and "subject_fidelity (base model)" in stored, stored
     results = (out / "results.md").read_text()
     assert "| ball-halves | DreamBooth | ball |" in results and "| ball-halves | base | ball |" in results
     assert "prompt_fidelity_novel" in results and "1 image(s) per prompt" in results

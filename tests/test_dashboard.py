@@ -83,6 +83,19 @@ def test_api_reads_runs_subjects_and_experts(registry):
     assert c.get("/static/app.js").status_code == 200
 
 
+def test_demo_metrics_show_on_the_subject_page(registry):
+    """`dreamfleet demo` stores each expert's metrics with it in the registry: the subject page shows them."""
+    from dreamfleet.cli.demo import store_evaluations
+
+    rows = [{"subject": "dog1", "model": "base", "images": 6, "subject_fidelity": 0.05, "prompt_fidelity": 0.9},
+            {"subject": "dog1", "model": "DreamBooth", "images": 6, "subject_fidelity": 0.8, "prompt_fidelity": 0.85}]
+    store_evaluations(registry, {"dog1": "v0001"}, [{"subject": "dog1", "rows": rows}], images_per_prompt=1)
+    ev = client(registry).get("/api/subjects/dog1").json()["evaluation"]
+    assert ev["subject_fidelity"] == 0.8 and ev["subject_fidelity (base model)"] == 0.05
+    assert ev["prompt_fidelity"] == 0.85 and ev["images_per_prompt"] == 1 and ev["evaluated_by"] == "dreamfleet demo"
+    assert registry.expert_info("dog1").final_loss == 0.2  # the expert itself is untouched
+
+
 def test_clear_messages_not_500s(registry, tmp_path):
     c = client(registry)
     for path in ("/api/subjects/nobody", "/api/runs/nope", "/api/subjects/dog1?version=v0009",

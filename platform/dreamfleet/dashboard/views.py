@@ -15,13 +15,14 @@ from typing import Any
 
 from dreamfleet.core.errors import DreamfleetError
 from dreamfleet.registry import Registry, SubjectState
+from dreamfleet.registry.store import EVAL_FILE
 
 log = logging.getLogger("dreamfleet.dashboard")
 
 STATE_ORDER = ("training", "queued", "failed", "done", "skipped")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_CURVE_POINTS = 400
-EVAL_FILES = ("eval.json", "evaluation.json", "metrics.json")
+EVAL_FILES = (EVAL_FILE, "evaluation.json", "metrics.json")
 
 
 class NotFound(DreamfleetError):

@@ -272,7 +272,8 @@ const views = {
         <div class="panel"><h2>Latest validation</h2><div class="grids" id="validation-images">${grids || `<span class="muted">no validation grids in this version</span>`}</div>
         ${d.images.validation_all > 2 ? `<p class="note">${d.images.validation_all} grids in all; the last two are shown.</p>` : ""}</div></div>` : "";
       const evaluation = d.evaluation ? `<dl class="kv">${Object.entries(d.evaluation).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(typeof v === "number" ? fmtNum(v) : JSON.stringify(v))}</dd>`).join("")}</dl>`
-        : `<p class="muted">No evaluation yet (<code>dreamfleet eval</code> results stored with the expert appear here).</p>`;
+        : `<p class="muted">No evaluation stored with this expert (<code>dreamfleet demo</code> stores its metrics here;
+          <code>dreamfleet eval</code> writes its table to its <code>--out</code>).</p>`;
       const selection = e && e.selection ? `<div id="selection">${selectionChart(e.selection)}</div>` : "";
       view.innerHTML = `<div class="crumbs"><a href="#/subjects">Subjects</a> / ${esc(d.subject)}</div>
         <div class="row"><h1>${esc(d.subject)} ${st ? badge(st.state) : ""}</h1><span class="spacer"></span>${versions}</div>

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from helpers import fast_config, free_port, picture, prefilled_class_cache, subject_folder
 
 from dreamfleet.dashboard.config import DashboardConfig
@@ -55,8 +56,6 @@ def registry(tmp_path) -> Registry:
 
 
 def client(reg: Registry, addr=LOOPBACK, **kw):
-    from fastapi.testclient import TestClient
-
     return TestClient(build_dashboard_app(DashboardConfig(registry=reg.uri, **kw)), client=addr)
 
 
@@ -94,6 +93,25 @@ def test_demo_metrics_show_on_the_subject_page(registry):
     assert ev["subject_fidelity"] == 0.8 and ev["subject_fidelity (base model)"] == 0.05
     assert ev["prompt_fidelity"] == 0.85 and ev["images_per_prompt"] == 1 and ev["evaluated_by"] == "dreamfleet demo"
     assert registry.expert_info("dog1").final_loss == 0.2  # the expert itself is untouched
+
+
+def test_apprentice_page_names_the_flags_of_its_command(registry, tmp_path):
+    """`dreamfleet dashboard` has --apprentices/--demo-sets; the copy inside `dreamfleet serve` names
+    serve's --apprentice and shows the apprentice it serves."""
+    from dreamfleet.dashboard.server import serve_dashboard_config
+    from dreamfleet.serving.config import ServeConfig
+
+    alone = client(registry).get("/api/apprentice").json()
+    assert "--apprentices" in alone["message"] and "--demo-sets" in alone["message"]
+    in_serve = serve_dashboard_config(ServeConfig(registry=registry.uri))
+    assert in_serve.in_serve and in_serve.apprentices == []
+    d = TestClient(build_dashboard_app(in_serve), client=LOOPBACK).get("/api/apprentice").json()
+    assert "`dreamfleet serve`" in d["message"] and "--apprentice DIR" in d["message"]
+    assert "--apprentices" not in d["message"]
+    served = serve_dashboard_config(ServeConfig(registry=registry.uri, apprentice=str(tmp_path / "app")))
+    d = TestClient(build_dashboard_app(served), client=LOOPBACK).get("/api/apprentice").json()
+    assert d["available"] and [a["path"] for a in d["apprentices"]] == [str(tmp_path / "app")]
+    assert "`dreamfleet serve` shows none" in d["hints"]["demo_sets"]
 
 
 def test_clear_messages_not_500s(registry, tmp_path):
@@ -325,8 +343,6 @@ def test_a_real_run_and_serving_in_chromium(ray_local, manifest, tmp_path, brows
         assert not errors, errors
         # the standalone dashboard reads the same numbers through --serve-url
         solo = build_dashboard_app(DashboardConfig(registry=reg_uri, serve_url=base))
-        from fastapi.testclient import TestClient
-
         snap = TestClient(solo).get("/api/serving").json()
         assert snap["available"] and snap["requests_ok"] == 1 and snap["source"] == "v1/serving"
     finally:

@@ -22,6 +22,7 @@ class DashboardConfig:
     poll_s: float = cfg(2.0, "how often the pages refresh their data")
     apprentices: list[str] = cfg([], "apprentice folders for the Apprentice page (`dreamfleet apprentice train --out`)")
     demo_sets: list[str] = cfg([], "demonstration sets for the Apprentice page (`dreamfleet apprentice gather --out`)")
+    in_serve: bool = cfg(False, "set for the copy `dreamfleet serve` mounts at /dashboard (its pages name serve's flags)")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

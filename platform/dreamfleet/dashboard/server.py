@@ -207,7 +207,7 @@ def build_dashboard_app(cfg: DashboardConfig | str, *, serving_snapshot: Callabl
     @app.get("/api/apprentice")
     def apprentice(request: Request):
         check_read(request)
-        return views.apprentice_view(ctx.cfg.apprentices, ctx.cfg.demo_sets)
+        return views.apprentice_view(ctx.cfg.apprentices, ctx.cfg.demo_sets, in_serve=ctx.cfg.in_serve)
 
     @app.post("/api/runs/{run_id}/cancel")
     def cancel(run_id: str, request: Request):
@@ -310,11 +310,18 @@ def dashboard_deployment(cfg: DashboardConfig):
 
 
 def dashboard_for_serve(serve_cfg, *, address: str | None = None):
-    """The dashboard to deploy beside `dreamfleet serve` (same registry and keys; its serving page reads that app)."""
+    """The dashboard to deploy beside `dreamfleet serve`."""
+    return dashboard_deployment(serve_dashboard_config(serve_cfg, address=address))
+
+
+def serve_dashboard_config(serve_cfg, *, address: str | None = None) -> DashboardConfig:
+    """The config of the dashboard beside `dreamfleet serve`: the same registry and keys, its serving
+    page reading that app, its Apprentice page showing the apprentice served (if any)."""
     host = "127.0.0.1" if serve_cfg.host in ("", "0.0.0.0", "::") else serve_cfg.host
     host = f"[{host}]" if ":" in host else host
-    return dashboard_deployment(DashboardConfig(registry=serve_cfg.registry, keys=serve_cfg.keys, address=address,
-                                                serve_url=f"http://{host}:{serve_cfg.port}"))
+    return DashboardConfig(registry=serve_cfg.registry, keys=serve_cfg.keys, address=address,
+                           serve_url=f"http://{host}:{serve_cfg.port}", in_serve=True,
+                           apprentices=[serve_cfg.apprentice] if serve_cfg.apprentice else [])
 
 
 def serve_forever(cfg: DashboardConfig) -> None:

@@ -242,17 +242,31 @@ def expert_file(reg: Registry, sid: str, version: str, kind: str, name: str) -> 
     return path
 
 
-def apprentice_view(apprentices: list[str], demo_sets: list[str]) -> dict[str, Any]:
+# How to give the Apprentice page its folders, by the command the dashboard runs in.
+APPRENTICE_HINTS = {
+    "dashboard": {"apprentices": "start the dashboard with --apprentices DIR[,DIR...]",
+                  "demo_sets": "start the dashboard with --demo-sets DIR[,DIR...]"},
+    "serve": {"apprentices": "this dashboard runs inside `dreamfleet serve`, which shows the apprentice it serves: "
+                             "start it with --apprentice DIR",
+              "demo_sets": "`dreamfleet serve` shows none: run `dreamfleet dashboard --registry REGISTRY "
+                           "--demo-sets DIR[,DIR...]`"},
+}
+
+
+def apprentice_view(apprentices: list[str], demo_sets: list[str], *, in_serve: bool = False) -> dict[str, Any]:
     """The apprentices and demonstration sets the dashboard was started with.
 
     An apprentice: its ``apprentice.json`` (identifier, base model, dataset, recipe, timings) and
     ``loss_history.json`` curve; a demonstration set: its ``gather.json`` counts (generated,
     kept, kept at other thresholds). A folder that cannot be read is listed with its error.
+    ``hints`` name the flags of the command the dashboard runs in (`dreamfleet dashboard` or `serve`).
     """
+    hints = APPRENTICE_HINTS["serve" if in_serve else "dashboard"]
     if not apprentices and not demo_sets:
-        return {"available": False, "message": "no apprentice or demonstration set given: start the dashboard with "
-                                                "--apprentices DIR[,DIR...] and/or --demo-sets DIR[,DIR...]"}
-    out: dict[str, Any] = {"available": True, "apprentices": [], "demo_sets": []}
+        return {"available": False, "hints": hints, "message": (
+            f"no apprentice or demonstration set given. Apprentices: {hints['apprentices']}. "
+            f"Demonstration sets: {hints['demo_sets']}.")}
+    out: dict[str, Any] = {"available": True, "hints": hints, "apprentices": [], "demo_sets": []}
     for folder in apprentices:
         path = Path(folder)
         try:

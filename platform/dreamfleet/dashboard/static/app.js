@@ -344,8 +344,8 @@ const views = {
       view.innerHTML = `<h1>Apprentice</h1>
         <h2>Demonstration sets (gather and filter)</h2><div class="table-wrap"><table id="demo-sets-table"><thead><tr><th>Set</th>
         <th class="num">Experts</th><th class="num">Renders</th><th class="num">Kept</th><th class="num">Threshold</th><th>Kept at other thresholds</th></tr></thead>
-        <tbody>${sets || `<tr><td colspan="6" class="muted">No demonstration set given (--demo-sets).</td></tr>`}</tbody></table></div>
-        <h2>Apprentices</h2>${apps || `<div class="panel muted">No apprentice given (--apprentices).</div>`}`;
+        <tbody>${sets || `<tr><td colspan="6" class="muted">No demonstration set given: ${esc(d.hints.demo_sets)}.</td></tr>`}</tbody></table></div>
+        <h2>Apprentices</h2>${apps || `<div class="panel muted">No apprentice given: ${esc(d.hints.apprentices)}.</div>`}`;
     },
   },
 };

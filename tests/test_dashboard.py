@@ -95,6 +95,18 @@ def test_demo_metrics_show_on_the_subject_page(registry):
     assert registry.expert_info("dog1").final_loss == 0.2  # the expert itself is untouched
 
 
+def test_final_loss_says_what_it_averages(registry):
+    """The table's loss is the last step's; the expert's final loss a mean over its last steps: labelled so."""
+    from dreamfleet.core.expert import FINAL_LOSS_STEPS
+    from dreamfleet.trainers.loop import LoopResult
+
+    history = [{"step": i + 1, "loss": float(i)} for i in range(25)]
+    result = LoopResult(final_step=25, history=history, resumed_from=None, wall_time_s=1.0, step_time_s=1.0)
+    assert result.final_loss == sum(range(25 - FINAL_LOSS_STEPS, 25)) / FINAL_LOSS_STEPS
+    d = client(registry).get("/api/subjects/dog1").json()
+    assert d["expert"]["final_loss_steps"] == 5  # a 5-step expert: the mean of all 5
+
+
 def test_apprentice_page_names_the_flags_of_its_command(registry, tmp_path):
     """`dreamfleet dashboard` has --apprentices/--demo-sets; the copy inside `dreamfleet serve` names
     serve's --apprentice and shows the apprentice it serves."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamfleet.core.errors import DreamfleetError
+from dreamfleet.core.expert import FINAL_LOSS_STEPS
 from dreamfleet.registry import Registry, SubjectState
 from dreamfleet.registry.store import EVAL_FILE
 
@@ -191,6 +192,12 @@ def _evaluation(folder: Path, info: Any) -> dict[str, Any] | None:
     return metrics or None
 
 
+def _final_loss_steps(info: Any) -> int:
+    """How many steps the expert's final loss is the mean of (the state's loss is the last step's alone)."""
+    steps = (info.train_stats or {}).get("steps") or (info.config or {}).get("steps") or FINAL_LOSS_STEPS
+    return min(FINAL_LOSS_STEPS, int(steps))
+
+
 def subject_view(reg: Registry, sid: str, version: str | None = None) -> dict[str, Any]:
     if sid not in reg.subjects():
         raise NotFound(f"no subject {sid!r} in the registry {reg.uri}")
@@ -214,6 +221,7 @@ def subject_view(reg: Registry, sid: str, version: str | None = None) -> dict[st
             out["message"] = str(e)
         else:
             out["expert"] = {k: v for k, v in dataclasses.asdict(info).items() if k != "config"}
+            out["expert"]["final_loss_steps"] = _final_loss_steps(info)
             out["config"] = info.config
             out["evaluation"] = _evaluation(folder, info)
             validation = _images(folder, "validation")

@@ -144,7 +144,7 @@ function subjectTable(rows, { showRun = false } = {}) {
   shown.sort((a, b) => (order[a.state] - order[b.state]) || a.subject.localeCompare(b.subject));
   const tenants = rows.some(r => r.tenant);  // the column only where there are tenants
   const head = `<tr><th>Subject</th><th>State</th>${showRun ? "<th>Run</th>" : ""}<th>Class</th>${tenants ? "<th>Tenant</th>" : ""}<th class="num">Step</th>
-    <th class="num">Loss</th><th>Last losses</th><th class="num">Attempts</th><th>Node</th><th>Updated</th><th>Error</th><th></th></tr>`;
+    <th class="num" title="the loss of the last step reported: one batch, noisy (an expert's final loss is a mean over its last steps)">Last loss</th><th>Last losses</th><th class="num">Attempts</th><th>Node</th><th>Updated</th><th>Error</th><th></th></tr>`;
   const body = shown.map(r => {
     const pct = r.total_steps ? Math.min(100, 100 * r.step / r.total_steps) : 0;
     const retry = r.state === "failed" ? `<button class="small" data-retry="${esc(r.subject)}" ${meta.can_act ? "" : "disabled title='needs an admin key or a loopback client'"}>Retry</button>` : "";
@@ -257,11 +257,12 @@ const views = {
       const versions = d.versions.length ? `<select id="version">${d.versions.slice().reverse().map(v => `<option ${v === d.version ? "selected" : ""}>${esc(v)}</option>`).join("")}</select>
         <button class="small danger" id="delete-version" ${meta.can_act ? "" : "disabled title='needs an admin key or a loopback client'"}>Delete ${esc(d.version)}</button>` : "";
       const facts = e ? [["Class", e.class_noun], ["Identifier", e.identifier], ["Prompt", e.instance_prompt], ["Method", e.method],
-        ["Base model", e.base_model && e.base_model.spec], ["Family", e.base_model && e.base_model.family], ["Final loss", fmtNum(e.final_loss)], ["Training time", fmtDur(e.wall_time_s)],
+        ["Base model", e.base_model && e.base_model.spec], ["Family", e.base_model && e.base_model.family], [`Final loss (mean of the last ${e.final_loss_steps} steps)`, fmtNum(e.final_loss)], ["Training time", fmtDur(e.wall_time_s)],
         ["Photos", e.num_images], ["Tenant", e.tenant || "–"], ["Created", fmtTime(e.created_at)], ["Latest", d.latest || "–"],
         ["Code", codeVersion(e.code_version)]]
         .map(([k, v]) => `<dt>${k}</dt><dd>${esc(v ?? "–")}</dd>`).join("") : "";
       const stateFacts = st ? `<dt>State</dt><dd>${badge(st.state)} step ${st.step}/${st.total_steps ?? "?"} · attempts ${st.attempts}</dd>
+        ${st.loss != null ? `<dt>Last step loss</dt><dd id="last-step-loss">${fmtNum(st.loss)} (step ${st.step}, one batch)</dd>` : ""}
         ${st.run_id ? `<dt>Run</dt><dd class="mono"><a href="#/run/${encodeURIComponent(st.run_id)}">${esc(st.run_id)}</a></dd>` : ""}` : "";
       const err = st && st.error ? `<div class="panel error"><h2>Error (attempt ${st.attempts})</h2><div class="mono">${esc(st.error)}</div>
         ${st.state === "failed" ? `<p><button class="small" data-retry="${esc(d.subject)}" ${meta.can_act ? "" : "disabled"}>Retry</button>

@@ -151,7 +151,7 @@ def build_dashboard_app(cfg: DashboardConfig | str, *, serving_snapshot: Callabl
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request):
         base = request.scope.get("root_path", "").rstrip("/") + "/"
-        page_cfg = {"poll_ms": int(cfg.poll_s * 1000), "ray_dashboard": ctx.ray().url, "registry": cfg.registry}
+        page_cfg = {"poll_ms": int(cfg.poll_s * 1000), "registry": cfg.registry}
         text = (STATIC / "index.html").read_text()
         text = text.replace("{{BASE}}", html.escape(base)).replace("{{CONFIG}}", html.escape(json.dumps(page_cfg)))
         return HTMLResponse(text, headers={"Cache-Control": "no-store"})
@@ -161,7 +161,7 @@ def build_dashboard_app(cfg: DashboardConfig | str, *, serving_snapshot: Callabl
         check_read(request)
         enabled = keys_enabled()
         can_act = (caller(request) or _NOBODY).admin if enabled else loopback(request)
-        return {"registry": cfg.registry, "ray_dashboard": ctx.ray().url, "keys": enabled, "can_act": can_act,
+        return {"registry": cfg.registry, "ray_dashboard": ctx.ray().dashboard(), "keys": enabled, "can_act": can_act,
                 "ray_error": ctx.ray().error, "config": to_dict(cfg) | {"serve_key": "***" if cfg.serve_key else None}}
 
     @app.get("/api/runs")

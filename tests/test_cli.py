@@ -28,6 +28,20 @@ def test_help_lists_commands():
     assert r.returncode == 0 and "--class-noun" in r.stdout and "--method {lora,full,profusion}" in r.stdout
 
 
+def test_help_imports_no_torch(capsys):
+    """`dreamfleet --help` stays instant: no sub-command imports torch to build its flags (they
+    come when that sub-command is parsed), and those flags are still there."""
+    code = ("import sys\nfrom dreamfleet.cli.main import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("no torch"), r.stdout[-500:] + r.stderr[-2000:]
+    for command, flag in ((["eval"], "--images-per-prompt"), (["apprentice", "train"], "--min-demos"),
+                          (["profusion", "pretrain"], "--feature-channels"), (["toy", "pretrain"], "--vae-steps")):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        assert flag in capsys.readouterr().out, command
+
+
 def test_train_subject_cli_writes_expert(tmp_path, capsys):
     folder = subject_folder(tmp_path, "teddy", n=3)
     recipe = tmp_path / "recipe.yaml"
@@ -73,6 +87,23 @@ def test_user_mistakes_exit_cleanly(tmp_path, setup, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_keys_need_a_registry_that_is_there(tmp_path, capsys):
+    """A mistyped --registry is refused, naming the path, instead of creating a keys file there."""
+    from dreamfleet.registry import Registry
+
+    typo = tmp_path / "regsitry"
+    for args in (["create", "--admin"], ["list"]):
+        assert main(["keys", *args, "--registry", str(typo)]) == 2
+        err = capsys.readouterr().err
+        assert f"no registry at {typo}" in err and "--keys FILE" in err, err
+    assert not typo.exists()
+    Registry(tmp_path / "reg")
+    assert main(["keys", "create", "--admin", "--registry", str(tmp_path / "reg")]) == 0
+    assert (tmp_path / "reg" / "serving" / "keys.json").is_file()
+    assert main(["keys", "create", "--admin", "--registry", str(typo), "--keys", str(tmp_path / "keys.json")]) == 0
+    assert (tmp_path / "keys.json").is_file() and not typo.exists()
+
+
 def test_bad_manifest_override_is_refused_before_ray_starts(tmp_path):
     """A per-subject learning_rate of -1 in the manifest: `dreamfleet train` refuses the run at
     submit time, naming the subject and the field; no Ray session, no registry entry."""
@@ -100,6 +131,9 @@ def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     # trained through the fan-out: the expert is published to the demo's registry
     assert (out / "registry" / "subjects" / "ball-halves" / "versions" / "v0001" / "expert.json").is_file()
+    # its metrics stored with the expert, where the dashboard's subject page shows them
+    stored = json.loads((out / "registry" / "subjects" / "ball-halves" / "versions" / "v0001" / "eval.json").read_text())
+    assert "subject_fidelity" in stored and "subject_fidelity (base model)" in stored, stored
     results = (out / "results.md").read_text()
     assert "| ball-halves | DreamBooth | ball |" in results and "| ball-halves | base | ball |" in results
     assert "prompt_fidelity_novel" in results and "1 image(s) per prompt" in results

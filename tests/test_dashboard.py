@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from helpers import fast_config, free_port, picture, prefilled_class_cache, subject_folder
 
 from dreamfleet.dashboard.config import DashboardConfig
@@ -55,8 +56,6 @@ def registry(tmp_path) -> Registry:
 
 
 def client(reg: Registry, addr=LOOPBACK, **kw):
-    from fastapi.testclient import TestClient
-
     return TestClient(build_dashboard_app(DashboardConfig(registry=reg.uri, **kw)), client=addr)
 
 
@@ -81,6 +80,86 @@ def test_api_reads_runs_subjects_and_experts(registry):
     page = c.get("/")
     assert page.status_code == 200 and '<base href="/">' in page.text and "static/app.js" in page.text
     assert c.get("/static/app.js").status_code == 200
+
+
+def test_demo_metrics_show_on_the_subject_page(registry):
+    """`dreamfleet demo` stores each expert's metrics with it in the registry: the subject page shows them."""
+    from dreamfleet.cli.demo import store_evaluations
+
+    rows = [{"subject": "dog1", "model": "base", "images": 6, "subject_fidelity": 0.05, "prompt_fidelity": 0.9},
+            {"subject": "dog1", "model": "DreamBooth", "images": 6, "subject_fidelity": 0.8, "prompt_fidelity": 0.85}]
+    store_evaluations(registry, {"dog1": "v0001"}, [{"subject": "dog1", "rows": rows}], images_per_prompt=1)
+    ev = client(registry).get("/api/subjects/dog1").json()["evaluation"]
+    assert ev["subject_fidelity"] == 0.8 and ev["subject_fidelity (base model)"] == 0.05
+    assert ev["prompt_fidelity"] == 0.85 and ev["images_per_prompt"] == 1 and ev["evaluated_by"] == "dreamfleet demo"
+    assert registry.expert_info("dog1").final_loss == 0.2  # the expert itself is untouched
+
+
+@pytest.fixture()
+def web_stub():
+    """An HTTP server that answers every GET with 200: a stand-in for Ray's dashboard."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Ok(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ray dashboard")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_ray_dashboard_linked_only_where_one_answers(registry, web_stub, monkeypatch):
+    from dreamfleet.dashboard import ray_info
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    meta = lambda **kw: client(registry, **kw).get("/api/meta").json()  # noqa: E731
+    assert meta(address=f"http://127.0.0.1:{free_port()}")["ray_dashboard"] is None  # nothing there: no link
+    assert meta(address=web_stub)["ray_dashboard"] == web_stub
+    assert meta(ray_dashboard="http://head:8265/")["ray_dashboard"] == "http://head:8265"  # given: as given
+    # connected to Ray in this process: the dashboard the cluster records, none for the embedded local Ray
+    monkeypatch.setattr(ray_info, "_ray_connected", lambda: True)
+    monkeypatch.setattr(ray_info, "_recorded_dashboard", lambda: "")
+    assert meta(address=None)["ray_dashboard"] is None
+    monkeypatch.setattr(ray_info, "_recorded_dashboard", lambda: web_stub)
+    assert meta(address=None)["ray_dashboard"] == web_stub
+
+
+def test_final_loss_says_what_it_averages(registry):
+    """The table's loss is the last step's; the expert's final loss a mean over its last steps: labelled so."""
+    from dreamfleet.core.expert import FINAL_LOSS_STEPS
+    from dreamfleet.trainers.loop import LoopResult
+
+    history = [{"step": i + 1, "loss": float(i)} for i in range(25)]
+    result = LoopResult(final_step=25, history=history, resumed_from=None, wall_time_s=1.0, step_time_s=1.0)
+    assert result.final_loss == sum(range(25 - FINAL_LOSS_STEPS, 25)) / FINAL_LOSS_STEPS
+    d = client(registry).get("/api/subjects/dog1").json()
+    assert d["expert"]["final_loss_steps"] == 5  # a 5-step expert: the mean of all 5
+
+
+def test_apprentice_page_names_the_flags_of_its_command(registry, tmp_path):
+    """`dreamfleet dashboard` has --apprentices/--demo-sets; the copy inside `dreamfleet serve` names
+    serve's --apprentice and shows the apprentice it serves."""
+    from dreamfleet.dashboard.server import serve_dashboard_config
+    from dreamfleet.serving.config import ServeConfig
+
+    alone = client(registry).get("/api/apprentice").json()
+    assert "--apprentices" in alone["message"] and "--demo-sets" in alone["message"]
+    in_serve = serve_dashboard_config(ServeConfig(registry=registry.uri))
+    assert in_serve.in_serve and in_serve.apprentices == []
+    d = TestClient(build_dashboard_app(in_serve), client=LOOPBACK).get("/api/apprentice").json()
+    assert "`dreamfleet serve`" in d["message"] and "--apprentice DIR" in d["message"]
+    assert "--apprentices" not in d["message"]
+    served = serve_dashboard_config(ServeConfig(registry=registry.uri, apprentice=str(tmp_path / "app")))
+    d = TestClient(build_dashboard_app(served), client=LOOPBACK).get("/api/apprentice").json()
+    assert d["available"] and [a["path"] for a in d["apprentices"]] == [str(tmp_path / "app")]
+    assert "`dreamfleet serve` shows none" in d["hints"]["demo_sets"]
 
 
 def test_clear_messages_not_500s(registry, tmp_path):
@@ -319,8 +398,6 @@ def test_a_real_run_and_serving_in_chromium(ray_local, manifest, tmp_path, brows
         assert not errors, errors
         # the standalone dashboard reads the same numbers through --serve-url
         solo = build_dashboard_app(DashboardConfig(registry=reg_uri, serve_url=base))
-        from fastapi.testclient import TestClient
-
         snap = TestClient(solo).get("/api/serving").json()
         assert snap["available"] and snap["requests_ok"] == 1 and snap["source"] == "v1/serving"
     finally:
@@ -339,6 +416,46 @@ def wait_ok(url: str, timeout_s: float = 120) -> None:
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url} did not answer 200 within {timeout_s}s")
+
+
+def test_subject_page_and_live_indicator_in_chromium(registry, browser, artifacts_dir):
+    """No Ray here: the Ray link reads "not running". The loss curve is smoothed over the faint raw
+    one; the last step's loss and the final mean are labelled apart. A 404 is not "offline"; a
+    server that is gone is."""
+    registry.update_state("dog1", loss=0.31)
+    cfg = DashboardConfig(registry=registry.uri, poll_s=0.5, address=f"http://127.0.0.1:{free_port()}")
+    dash = start_uvicorn(build_dashboard_app(cfg), free_port())
+    url = f"http://127.0.0.1:{dash.config.port}/"
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    live = "() => document.querySelector('#live-text').textContent"
+    try:
+        page.goto(url + "#/subject/dog1")
+        page.wait_for_selector("svg.loss-curve polyline[data-raw='loss']")
+        page.wait_for_selector("#ray-off:not([hidden])")
+        assert page.is_hidden("#ray-link") and page.inner_text("#ray-off") == "Ray dashboard: not running"
+        smooth = "svg.loss-curve polyline[data-series='loss']"
+        assert page.get_attribute(smooth, "points") != page.get_attribute("svg.loss-curve polyline[data-raw='loss']", "points")
+        w = float(page.get_attribute(smooth, "data-smoothing"))
+        expected, last = [], 0.0
+        for i, v in enumerate([1.0, 0.5, 0.25]):  # TensorBoard's debiased moving average
+            last = last * w + (1 - w) * v
+            expected.append(last / (1 - w ** (i + 1)))
+        assert page.evaluate("([v, w]) => ema(v, w)", [[1.0, 0.5, 0.25], w]) == pytest.approx(expected)
+        facts = page.inner_text("#view")
+        assert "Final loss (mean of the last 5 steps)" in facts and "Last step loss" in facts, facts
+        page.screenshot(path=str(artifacts_dir / "dashboard-subject-smoothed.png"), full_page=True)
+        page.goto(url + "#/subject/nobody")
+        page.wait_for_selector("#error-message")
+        assert "Not found" in page.inner_text("#error-message") and page.evaluate(live).startswith("live")
+        time.sleep(1.2)  # a few more polls of the missing subject
+        assert page.evaluate(live).startswith("live")
+        page.goto(url + "#/apprentice")
+        page.wait_for_selector("text=start the dashboard with --apprentices")
+        dash.should_exit = True
+        page.wait_for_function(f"() => ({live})() === 'offline'", timeout=20_000)
+    finally:
+        page.close()
+        dash.should_exit = True
 
 
 def test_apprentice_page_shows_apprentices_and_demo_sets_in_chromium(tmp_path, browser, artifacts_dir):

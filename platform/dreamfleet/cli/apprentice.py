@@ -12,9 +12,7 @@ log = logging.getLogger("dreamfleet")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dreamfleet.control.apprentice import ApprenticeRuntime
     from dreamfleet.control.gather import GatherConfig
-    from dreamfleet.trainers.apprentice import ApprenticeConfig
 
     ap = sub.add_parser("apprentice", help="SuTI-style apprentice: gather experts' outputs, train the apprentice")
     asub = ap.add_subparsers(dest="apprentice_command", metavar="APPRENTICE_COMMAND", required=True)
@@ -37,8 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="apprentice folder to write")
     p.add_argument("--base-model", default="toy", help="the base model the experts were trained on")
     p.add_argument("--overwrite", action="store_true")
-    C.add_arguments(p, ApprenticeConfig)
-    C.add_arguments(p, ApprenticeRuntime)
+    C.add_arguments_later(p, _train_configs)
     p.set_defaults(handler=run_train)
 
     g = sub.add_parser(
@@ -58,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.set_defaults(handler=run_generate)
+
+
+def _train_configs() -> list[type]:
+    from dreamfleet.control.apprentice import ApprenticeRuntime
+    from dreamfleet.trainers.apprentice import ApprenticeConfig
+
+    return [ApprenticeConfig, ApprenticeRuntime]
 
 
 def run_gather(args: argparse.Namespace) -> int:

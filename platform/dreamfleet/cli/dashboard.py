@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "it only binds a loopback address unless --insecure is given."
         ),
     )
-    C.add_arguments(p, DashboardConfig)
+    C.add_arguments(p, DashboardConfig, skip=("in_serve",))
     p.set_defaults(handler=run_dashboard)
 
 

@@ -100,14 +100,16 @@ def run(args: argparse.Namespace) -> int:
         for sid, error in summary.failed.items():
             print(f"  FAILED {sid}: {error}")
         registry = Registry(out / "registry")
+        versions = {sid: registry.latest(sid) for sid in summary.done}
         task = ray.remote(num_cpus=1)(_evaluate_subject)
-        results = ray.get([task.remote(str(out / "manifest"), sid, str(registry.fetch(sid)), args.base_model,
-                                       eval_cfg)
+        results = ray.get([task.remote(str(out / "manifest"), sid, str(registry.fetch(sid, versions[sid])),
+                                       args.base_model, eval_cfg)
                            for sid in summary.done])
     finally:
         ray.shutdown()
     if not results:
         return 1
+    store_evaluations(registry, versions, results, eval_cfg.images_per_prompt)
     rows = [row for r in results for row in r["rows"]]
     write_table(rows, out, title="dreamfleet demo: the toy model before and after DreamBooth")
     _results_md(out, results, train_cfg, eval_cfg.images_per_prompt, time.perf_counter() - t0)
@@ -149,6 +151,23 @@ def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_mode
         "photo_contexts": sorted(photo_contexts(scorers.judge, photos)) if known else [],
         "rows": [score_case(base_gen, base_case, scorers, c), score_case(gen, case, scorers, c)],
     }
+
+
+def store_evaluations(registry, versions: dict[str, str], results: list[dict], images_per_prompt: int) -> None:
+    """Each expert's metrics, with the base model's beside them, stored with the expert in the
+    registry, where the dashboard's subject page shows them."""
+    from dreamfleet.eval.evaluate import METRIC_COLUMNS
+
+    for r in results:
+        base, expert = r["rows"]
+        metrics = {}
+        for m in METRIC_COLUMNS:
+            if m in expert:
+                metrics[m] = expert[m]
+            if m in base:
+                metrics[f"{m} (base model)"] = base[m]
+        registry.write_evaluation(r["subject"], versions[r["subject"]], {
+            **metrics, "images_per_prompt": images_per_prompt, "evaluated_by": "dreamfleet demo"})
 
 
 def _results_md(out: Path, results: list[dict], train_cfg, eval_images: int, wall_s: float) -> None:

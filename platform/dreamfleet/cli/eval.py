@@ -9,8 +9,6 @@ from dreamfleet.core import config as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dreamfleet.eval.evaluate import EvalConfig
-
     p = sub.add_parser(
         "eval",
         help="evaluate experts: 4 images per prompt, metrics table (CSV, markdown) and a grid per subject",
@@ -25,8 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="the manifest the experts were trained from")
     p.add_argument("--out", required=True, type=Path, help="folder for the table and grids")
     p.add_argument("--include-base", action="store_true", help="also evaluate the untouched base model per subject")
-    C.add_arguments(p, EvalConfig)
+    C.add_arguments_later(p, _configs)
     p.set_defaults(handler=run)
+
+
+def _configs() -> list[type]:
+    from dreamfleet.eval.evaluate import EvalConfig
+
+    return [EvalConfig]
 
 
 def expert_folders(paths: list[Path]) -> list[Path]:

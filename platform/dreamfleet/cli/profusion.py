@@ -13,9 +13,6 @@ from dreamfleet.core import config as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dreamfleet.control.cluster import EncoderRuntime
-    from dreamfleet.trainers.profusion import PromptNetConfig
-
     ap = sub.add_parser("profusion", help="ProFusion: pre-train PromptNet (customise with train-subject --method profusion)")
     asub = ap.add_subparsers(dest="profusion_command", metavar="PROFUSION_COMMAND", required=True)
     p = asub.add_parser(
@@ -30,8 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model", default="toy", help="'toy', 'tiny-random', a local diffusers folder, or a hub id")
     p.add_argument("--subjects", help="comma-separated subject ids (default: all)")
     p.add_argument("--overwrite", action="store_true")
-    C.add_arguments(p, PromptNetConfig)
-    C.add_arguments(p, EncoderRuntime)
+    C.add_arguments_later(p, _pretrain_configs)
     p.set_defaults(handler=run_pretrain)
 
     q = asub.add_parser(
@@ -49,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default: the bench's {name})")
     q.add_argument("--dreambooth-steps", type=int, help="DreamBooth steps (default: the microbench recipe's 1200)")
     q.set_defaults(handler=run_compare)
+
+
+def _pretrain_configs() -> list[type]:
+    from dreamfleet.control.cluster import EncoderRuntime
+    from dreamfleet.trainers.profusion import PromptNetConfig
+
+    return [PromptNetConfig, EncoderRuntime]
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -52,9 +52,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _store(args):
-    from dreamfleet.serving.auth import KeyStore, default_keys_path
+    from dreamfleet.serving.auth import KeyStore
 
-    return KeyStore(args.keys or default_keys_path(args.registry))
+    return KeyStore(args.keys or _registry_keys_path(args.registry))
+
+
+def _registry_keys_path(registry: str):
+    """<registry>/serving/keys.json of a registry that is there: a mistyped --registry must not
+    create a keys file that no server reads."""
+    from dreamfleet.core.errors import ConfigError
+    from dreamfleet.serving.auth import default_keys_path
+
+    path = default_keys_path(registry)
+    root = path.parent.parent
+    if not (root / "registry.json").is_file():
+        raise ConfigError(f"no registry at {root} (no registry.json there): check --registry, or pass "
+                          "--keys FILE to keep the keys file elsewhere")
+    return path
 
 
 def run_keys_create(args: argparse.Namespace) -> int:

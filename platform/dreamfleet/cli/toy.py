@@ -12,8 +12,6 @@ log = logging.getLogger("dreamfleet")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dreamfleet.toy.pretrain import PretrainConfig
-
     toy = sub.add_parser("toy", help="the toy world: render, pretrain the toy model, subjects, judge, samples")
     tsub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)
 
@@ -22,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "platform/dreamfleet/toy/assets/toy-model)")
     p.add_argument("--grid", type=Path, help="also write a sample grid PNG of the pretrained model here")
     p.add_argument("--overwrite", action="store_true", help="replace a model already at --out")
-    C.add_arguments(p, PretrainConfig)
+    C.add_arguments_later(p, _pretrain_configs)
     p.set_defaults(handler=run_pretrain)
 
     p = tsub.add_parser("render", help="render N captioned world images into a folder (NNNNN.png + NNNNN.txt)")
@@ -60,6 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.set_defaults(handler=run_samples)
+
+
+def _pretrain_configs() -> list[type]:
+    from dreamfleet.toy.pretrain import PretrainConfig
+
+    return [PretrainConfig]
 
 
 def run_pretrain(args: argparse.Namespace) -> int:

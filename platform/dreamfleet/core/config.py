@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -143,6 +144,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         else:
             metavar = {int: "N", float: "X"}.get(tp, "VALUE")
             group.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=help_text)
+
+
+def add_arguments_later(parser: argparse.ArgumentParser, load: Callable[[], list[type]]) -> None:
+    """:func:`add_arguments` for the dataclasses ``load()`` imports from a module that imports torch:
+    on a parser that can wait (the CLI's ``CommandParser``), only once its sub-command is parsed, so
+    that `dreamfleet --help` imports none of them; on any other parser, now."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        for cls in load():
+            add_arguments(p, cls)
+
+    if hasattr(parser, "later"):
+        parser.later(add)
+    else:
+        add(parser)
 
 
 def overrides_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from dreamfleet.core.errors import DataError
 EXPERT_SCHEMA_VERSION = 1
 EXPERT_FILE = "expert.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+FINAL_LOSS_STEPS = 10  # an artifact's final_loss: the mean loss of its last 10 steps (one step's loss is noisy)
 
 
 class ExpertKey(NamedTuple):
@@ -56,7 +57,7 @@ class ExpertInfo:
     code_version: dict[str, Any]
     input_hash: str
     num_images: int
-    final_loss: float | None
+    final_loss: float | None  # mean of the last FINAL_LOSS_STEPS steps' losses
     wall_time_s: float
     created_at: str
     weights: list[str]

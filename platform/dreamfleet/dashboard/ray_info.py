@@ -1,8 +1,9 @@
-"""Ray's side of a run: the job's status from Ray's state API, and stopping a job.
+"""Ray's side of a run: the job's status from Ray's state API, stopping a job, and where
+Ray's own dashboard is (if anywhere).
 
 Every call is guarded: without a reachable Ray dashboard the pages still work, they only
-lose the job column. Answers are cached for a few seconds, failures for longer, so that a
-page polling every two seconds never waits on a dead address.
+lose the job column and the link to it. Answers are cached for a few seconds, failures for
+longer, so that a page polling every two seconds never waits on a dead address.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from urllib.parse import urlparse
 log = logging.getLogger("dreamfleet.dashboard")
 
 OK_TTL_S, FAIL_TTL_S = 5.0, 30.0
+PROBE_TIMEOUT_S = 1.5
 
 
 def dashboard_url(address: str | None, explicit: str | None = None) -> str:
@@ -38,9 +40,30 @@ class RayJobs:
     def __init__(self, address: str | None, ray_dashboard: str | None = None):
         self.address = address or os.environ.get("RAY_ADDRESS")
         self.url = dashboard_url(self.address, ray_dashboard)
+        self.explicit = ray_dashboard.rstrip("/") if ray_dashboard else None
         self._cache: tuple[float, dict[str, dict[str, Any]]] | None = None
+        self._link: tuple[float, str | None] | None = None
         self._error: str | None = None
         self._lock = threading.Lock()
+
+    def dashboard(self) -> str | None:
+        """Ray's dashboard to link to: the one given (--ray-dashboard), else the one the cluster this
+        process is connected to records, else the one the address names, if it answers; None when
+        none does (the embedded local Ray of `dreamfleet serve` runs without one)."""
+        if self.explicit:
+            return self.explicit
+        with self._lock:
+            if self._link is None or time.monotonic() >= self._link[0]:
+                url = _answering(self._dashboard_candidate())
+                self._link = (time.monotonic() + (OK_TTL_S if url else FAIL_TTL_S), url)
+            return self._link[1]
+
+    def _dashboard_candidate(self) -> str | None:
+        if not (self.address or "").startswith(("http://", "https://")) and _ray_connected():
+            recorded = _recorded_dashboard()
+            if recorded is not None:
+                return recorded or None  # "": the cluster runs no dashboard
+        return self.url
 
     def _api_address(self) -> str | None:
         """Where the state/job API is: the given address if it is a dashboard URL, else the derived one."""
@@ -83,6 +106,31 @@ class RayJobs:
         stopped = client.stop_job(job_id)
         self._cache = None
         return bool(stopped)
+
+
+def _recorded_dashboard() -> str | None:
+    """The dashboard URL the connected cluster records ("" when it started none), or None if unreadable."""
+    try:
+        from ray._private.services import get_webui_url_from_internal_kv
+
+        url = get_webui_url_from_internal_kv() or ""
+    except Exception as e:  # a private API of Ray: without it, the address's dashboard is probed instead
+        log.debug("ray dashboard url unavailable: %s", e)
+        return None
+    return url if not url or url.startswith(("http://", "https://")) else f"http://{url}"
+
+
+def _answering(url: str | None) -> str | None:
+    """``url`` if an HTTP server answers there (a login page counts), else None."""
+    if url is None:
+        return None
+    import httpx
+
+    try:
+        r = httpx.get(f"{url}/", timeout=PROBE_TIMEOUT_S)
+    except httpx.HTTPError:
+        return None
+    return url if r.status_code < 400 or r.status_code in (401, 403) else None
 
 
 def _ray_connected() -> bool:

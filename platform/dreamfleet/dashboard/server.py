@@ -151,7 +151,7 @@ def build_dashboard_app(cfg: DashboardConfig | str, *, serving_snapshot: Callabl
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request):
         base = request.scope.get("root_path", "").rstrip("/") + "/"
-        page_cfg = {"poll_ms": int(cfg.poll_s * 1000), "ray_dashboard": ctx.ray().url, "registry": cfg.registry}
+        page_cfg = {"poll_ms": int(cfg.poll_s * 1000), "registry": cfg.registry}
         text = (STATIC / "index.html").read_text()
         text = text.replace("{{BASE}}", html.escape(base)).replace("{{CONFIG}}", html.escape(json.dumps(page_cfg)))
         return HTMLResponse(text, headers={"Cache-Control": "no-store"})
@@ -161,7 +161,7 @@ def build_dashboard_app(cfg: DashboardConfig | str, *, serving_snapshot: Callabl
         check_read(request)
         enabled = keys_enabled()
         can_act = (caller(request) or _NOBODY).admin if enabled else loopback(request)
-        return {"registry": cfg.registry, "ray_dashboard": ctx.ray().url, "keys": enabled, "can_act": can_act,
+        return {"registry": cfg.registry, "ray_dashboard": ctx.ray().dashboard(), "keys": enabled, "can_act": can_act,
                 "ray_error": ctx.ray().error, "config": to_dict(cfg) | {"serve_key": "***" if cfg.serve_key else None}}
 
     @app.get("/api/runs")
@@ -207,7 +207,7 @@ def build_dashboard_app(cfg: DashboardConfig | str, *, serving_snapshot: Callabl
     @app.get("/api/apprentice")
     def apprentice(request: Request):
         check_read(request)
-        return views.apprentice_view(ctx.cfg.apprentices, ctx.cfg.demo_sets)
+        return views.apprentice_view(ctx.cfg.apprentices, ctx.cfg.demo_sets, in_serve=ctx.cfg.in_serve)
 
     @app.post("/api/runs/{run_id}/cancel")
     def cancel(run_id: str, request: Request):
@@ -310,11 +310,18 @@ def dashboard_deployment(cfg: DashboardConfig):
 
 
 def dashboard_for_serve(serve_cfg, *, address: str | None = None):
-    """The dashboard to deploy beside `dreamfleet serve` (same registry and keys; its serving page reads that app)."""
+    """The dashboard to deploy beside `dreamfleet serve`."""
+    return dashboard_deployment(serve_dashboard_config(serve_cfg, address=address))
+
+
+def serve_dashboard_config(serve_cfg, *, address: str | None = None) -> DashboardConfig:
+    """The config of the dashboard beside `dreamfleet serve`: the same registry and keys, its serving
+    page reading that app, its Apprentice page showing the apprentice served (if any)."""
     host = "127.0.0.1" if serve_cfg.host in ("", "0.0.0.0", "::") else serve_cfg.host
     host = f"[{host}]" if ":" in host else host
-    return dashboard_deployment(DashboardConfig(registry=serve_cfg.registry, keys=serve_cfg.keys, address=address,
-                                                serve_url=f"http://{host}:{serve_cfg.port}"))
+    return DashboardConfig(registry=serve_cfg.registry, keys=serve_cfg.keys, address=address,
+                           serve_url=f"http://{host}:{serve_cfg.port}", in_serve=True,
+                           apprentices=[serve_cfg.apprentice] if serve_cfg.apprentice else [])
 
 
 def serve_forever(cfg: DashboardConfig) -> None:

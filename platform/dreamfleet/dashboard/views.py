@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from dreamfleet.core.errors import DreamfleetError
+from dreamfleet.core.expert import FINAL_LOSS_STEPS
 from dreamfleet.registry import Registry, SubjectState
+from dreamfleet.registry.store import EVAL_FILE
 
 log = logging.getLogger("dreamfleet.dashboard")
 
 STATE_ORDER = ("training", "queued", "failed", "done", "skipped")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_CURVE_POINTS = 400
-EVAL_FILES = ("eval.json", "evaluation.json", "metrics.json")
+EVAL_FILES = (EVAL_FILE, "evaluation.json", "metrics.json")
 
 
 class NotFound(DreamfleetError):
@@ -190,6 +192,12 @@ def _evaluation(folder: Path, info: Any) -> dict[str, Any] | None:
     return metrics or None
 
 
+def _final_loss_steps(info: Any) -> int:
+    """How many steps the expert's final loss is the mean of (the state's loss is the last step's alone)."""
+    steps = (info.train_stats or {}).get("steps") or (info.config or {}).get("steps") or FINAL_LOSS_STEPS
+    return min(FINAL_LOSS_STEPS, int(steps))
+
+
 def subject_view(reg: Registry, sid: str, version: str | None = None) -> dict[str, Any]:
     if sid not in reg.subjects():
         raise NotFound(f"no subject {sid!r} in the registry {reg.uri}")
@@ -213,6 +221,7 @@ def subject_view(reg: Registry, sid: str, version: str | None = None) -> dict[st
             out["message"] = str(e)
         else:
             out["expert"] = {k: v for k, v in dataclasses.asdict(info).items() if k != "config"}
+            out["expert"]["final_loss_steps"] = _final_loss_steps(info)
             out["config"] = info.config
             out["evaluation"] = _evaluation(folder, info)
             validation = _images(folder, "validation")
@@ -241,17 +250,31 @@ def expert_file(reg: Registry, sid: str, version: str, kind: str, name: str) -> 
     return path
 
 
-def apprentice_view(apprentices: list[str], demo_sets: list[str]) -> dict[str, Any]:
+# How to give the Apprentice page its folders, by the command the dashboard runs in.
+APPRENTICE_HINTS = {
+    "dashboard": {"apprentices": "start the dashboard with --apprentices DIR[,DIR...]",
+                  "demo_sets": "start the dashboard with --demo-sets DIR[,DIR...]"},
+    "serve": {"apprentices": "this dashboard runs inside `dreamfleet serve`, which shows the apprentice it serves: "
+                             "start it with --apprentice DIR",
+              "demo_sets": "`dreamfleet serve` shows none: run `dreamfleet dashboard --registry REGISTRY "
+                           "--demo-sets DIR[,DIR...]`"},
+}
+
+
+def apprentice_view(apprentices: list[str], demo_sets: list[str], *, in_serve: bool = False) -> dict[str, Any]:
     """The apprentices and demonstration sets the dashboard was started with.
 
     An apprentice: its ``apprentice.json`` (identifier, base model, dataset, recipe, timings) and
     ``loss_history.json`` curve; a demonstration set: its ``gather.json`` counts (generated,
     kept, kept at other thresholds). A folder that cannot be read is listed with its error.
+    ``hints`` name the flags of the command the dashboard runs in (`dreamfleet dashboard` or `serve`).
     """
+    hints = APPRENTICE_HINTS["serve" if in_serve else "dashboard"]
     if not apprentices and not demo_sets:
-        return {"available": False, "message": "no apprentice or demonstration set given: start the dashboard with "
-                                                "--apprentices DIR[,DIR...] and/or --demo-sets DIR[,DIR...]"}
-    out: dict[str, Any] = {"available": True, "apprentices": [], "demo_sets": []}
+        return {"available": False, "hints": hints, "message": (
+            f"no apprentice or demonstration set given. Apprentices: {hints['apprentices']}. "
+            f"Demonstration sets: {hints['demo_sets']}.")}
+    out: dict[str, Any] = {"available": True, "hints": hints, "apprentices": [], "demo_sets": []}
     for folder in apprentices:
         path = Path(folder)
         try:

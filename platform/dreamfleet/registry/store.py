@@ -5,6 +5,7 @@ Layout (all paths relative to the registry root)::
     registry.json                         format marker and version
     subjects/<id>/state.json              queued | training | done | failed, step, loss, error, attempts
     subjects/<id>/versions/v0001/...      immutable expert folders; expert.json is written last
+    subjects/<id>/versions/v0001/eval.json  metrics of that expert, added after (`dreamfleet demo`)
     subjects/<id>/latest                  the published version, e.g. "v0002"
     runs/<run_id>.json                    one file per training run (manifest, base model, subjects)
     checkpoints/                          Ray Train checkpoint storage of running fine-tunes
@@ -55,6 +56,7 @@ REGISTRY_VERSION = 1
 STATES = ("queued", "training", "done", "failed")
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 CLAIM = ".claim"  # the object that reserves a version number on S3
+EVAL_FILE = "eval.json"  # an expert's evaluation, stored beside its files (the dashboard shows it)
 SINGLE_PUT_BYTES = 64 * 2**20  # files up to this size are uploaded to S3 in one PUT (S3 takes up to 5 GiB)
 
 
@@ -371,6 +373,12 @@ class Registry:
                 with self.fs.open_input_stream(info.path) as f, open(target, "wb") as out:
                     shutil.copyfileobj(f, out)
         return local
+
+    def write_evaluation(self, subject_id: str, version: str, metrics: dict[str, Any]) -> None:
+        """Store the metrics of one published expert beside its files (its folder's ``eval.json``);
+        the expert's own files are untouched."""
+        version = self.resolve_version(subject_id, version)
+        self._write_json(self.subject_path(subject_id, "versions", version, EVAL_FILE), metrics)
 
     def delete(self, subject_id: str, version: str | None = None) -> list[str]:
         """Delete one version (moving ``latest`` back to the newest remaining) or the whole subject."""

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from dreamfleet.core.artifacts import atomic_dir, read_json, write_json
 from dreamfleet.core.errors import ConfigError
+from dreamfleet.core.expert import FINAL_LOSS_STEPS
 from dreamfleet.trainers.config import ADDED_FIELDS, LoopConfig, OptimizerConfig
 
 log = logging.getLogger("dreamfleet")
@@ -92,7 +93,7 @@ class LoopResult:
     def final_loss(self) -> float | None:
         if not self.history:
             return None
-        tail = self.history[-min(10, len(self.history)):]
+        tail = self.history[-min(FINAL_LOSS_STEPS, len(self.history)):]
         return sum(h["loss"] for h in tail) / len(tail)
 
 

@@ -80,6 +80,15 @@ function niceTicks(lo, hi, n = 5) {
   return out;
 }
 
+// TensorBoard's smoothing: an exponential moving average, debiased so that the start is not pulled to 0.
+function ema(values, weight) {
+  let last = 0;
+  return values.map((v, i) => { last = last * weight + (1 - weight) * v; return last / (1 - weight ** (i + 1)); });
+}
+// TensorBoard's default weight (0.6), heavier on long curves: about the last tenth of the points.
+function smoothingFor(n) { return +Math.min(0.95, Math.max(0.6, 1 - 10 / n)).toFixed(2); }
+
+// opt.smooth: draw each series smoothed (ema), the raw per-step values faint behind it.
 function lossChart(points, series, w = 640, h = 280, opt = {}) {
   const used = series.filter(s => points.some(p => p[s] != null));
   if (!points.length || !used.length) return `<p class="muted">No losses to plot yet.</p>`;
@@ -95,18 +104,21 @@ function lossChart(points, series, w = 640, h = 280, opt = {}) {
   niceTicks(y0, y1).forEach(t => { svg += `<line x1="${m.l}" x2="${w - m.r}" y1="${Y(t)}" y2="${Y(t)}"/><text x="${m.l - 6}" y="${Y(t) + 4}" text-anchor="end">${+t.toPrecision(3)}</text>`; });
   niceTicks(x0, x1, 6).filter(t => Number.isInteger(t)).forEach(t => { svg += `<text x="${X(t)}" y="${h - m.b + 16}" text-anchor="middle">${t}</text>`; });
   svg += `</g><text x="${(w + m.l) / 2}" y="${h - 2}" text-anchor="middle">step</text>`;
-  const dots = points.length <= 150;
+  const dots = points.length <= 150, weight = opt.smooth ? smoothingFor(points.length) : 0;
   used.forEach(s => {
-    const pts = points.filter(p => p[s] != null);
-    svg += `<polyline class="s-${s}" data-series="${s}" data-points="${pts.length}" points="${pts.map(p => `${X(p.step).toFixed(1)},${Y(p[s]).toFixed(1)}`).join(" ")}"/>`;
-    if (dots) pts.forEach(p => { svg += `<circle class="p-${s}" cx="${X(p.step).toFixed(1)}" cy="${Y(p[s]).toFixed(1)}" r="2"><title>${s} step ${p.step}: ${fmtNum(p[s])}</title></circle>`; });
+    const pts = points.filter(p => p[s] != null), raw = pts.map(p => p[s]), ys = weight ? ema(raw, weight) : raw;
+    const line = vs => vs.map((v, i) => `${X(pts[i].step).toFixed(1)},${Y(v).toFixed(1)}`).join(" ");
+    if (weight) svg += `<polyline class="s-${s} raw" data-raw="${s}" data-points="${pts.length}" points="${line(raw)}"/>`;
+    svg += `<polyline class="s-${s}" data-series="${s}" data-points="${pts.length}"${weight ? ` data-smoothing="${weight}"` : ""} points="${line(ys)}"/>`;
+    if (dots) pts.forEach((p, i) => { svg += `<circle class="p-${s}${weight ? " raw" : ""}" cx="${X(p.step).toFixed(1)}" cy="${Y(raw[i]).toFixed(1)}" r="2"><title>${s} step ${p.step}: ${fmtNum(raw[i])}${weight ? ` (smoothed ${fmtNum(ys[i])})` : ""}</title></circle>`; });
   });
   if (opt.hline != null) svg += `<line class="bar-line" x1="${m.l}" x2="${w - m.r}" y1="${Y(opt.hline.y).toFixed(1)}" y2="${Y(opt.hline.y).toFixed(1)}"><title>${esc(opt.hline.label)}</title></line>`;
   if (opt.mark != null) svg += `<line class="chosen-step" data-step="${opt.mark}" x1="${X(opt.mark).toFixed(1)}" x2="${X(opt.mark).toFixed(1)}" y1="${m.t}" y2="${h - m.b}"><title>chosen step ${opt.mark}</title></line>
     <text class="chosen-label" x="${(X(opt.mark) + (X(opt.mark) > w / 2 ? -4 : 4)).toFixed(1)}" y="${m.t + 12}" text-anchor="${X(opt.mark) > w / 2 ? "end" : "start"}">chosen: step ${opt.mark}</text>`;
   svg += `</svg>`;
   const names = { loss: "total loss", loss_instance: "instance loss", loss_prior: "prior loss", ...(opt.names || {}) };
-  return svg + `<div class="legend">${used.map(s => `<span><b class="k-${s}"></b>${names[s] || s}</span>`).join("")}</div>`;
+  const how = weight ? `<span class="smoothing">faint: each step; solid: smoothed (moving average, weight ${weight})</span>` : "";
+  return svg + `<div class="legend">${used.map(s => `<span><b class="k-${s}"></b>${names[s] || s}</span>`).join("")}${how}</div>`;
 }
 
 // The scores of best-step selection over the evaluated steps, the prompt-fidelity bar and the chosen step.
@@ -144,7 +156,7 @@ function subjectTable(rows, { showRun = false } = {}) {
   shown.sort((a, b) => (order[a.state] - order[b.state]) || a.subject.localeCompare(b.subject));
   const tenants = rows.some(r => r.tenant);  // the column only where there are tenants
   const head = `<tr><th>Subject</th><th>State</th>${showRun ? "<th>Run</th>" : ""}<th>Class</th>${tenants ? "<th>Tenant</th>" : ""}<th class="num">Step</th>
-    <th class="num">Loss</th><th>Last losses</th><th class="num">Attempts</th><th>Node</th><th>Updated</th><th>Error</th><th></th></tr>`;
+    <th class="num" title="the loss of the last step reported: one batch, noisy (an expert's final loss is a mean over its last steps)">Last loss</th><th>Last losses</th><th class="num">Attempts</th><th>Node</th><th>Updated</th><th>Error</th><th></th></tr>`;
   const body = shown.map(r => {
     const pct = r.total_steps ? Math.min(100, 100 * r.step / r.total_steps) : 0;
     const retry = r.state === "failed" ? `<button class="small" data-retry="${esc(r.subject)}" ${meta.can_act ? "" : "disabled title='needs an admin key or a loopback client'"}>Retry</button>` : "";
@@ -257,11 +269,12 @@ const views = {
       const versions = d.versions.length ? `<select id="version">${d.versions.slice().reverse().map(v => `<option ${v === d.version ? "selected" : ""}>${esc(v)}</option>`).join("")}</select>
         <button class="small danger" id="delete-version" ${meta.can_act ? "" : "disabled title='needs an admin key or a loopback client'"}>Delete ${esc(d.version)}</button>` : "";
       const facts = e ? [["Class", e.class_noun], ["Identifier", e.identifier], ["Prompt", e.instance_prompt], ["Method", e.method],
-        ["Base model", e.base_model && e.base_model.spec], ["Family", e.base_model && e.base_model.family], ["Final loss", fmtNum(e.final_loss)], ["Training time", fmtDur(e.wall_time_s)],
+        ["Base model", e.base_model && e.base_model.spec], ["Family", e.base_model && e.base_model.family], [`Final loss (mean of the last ${e.final_loss_steps} steps)`, fmtNum(e.final_loss)], ["Training time", fmtDur(e.wall_time_s)],
         ["Photos", e.num_images], ["Tenant", e.tenant || "–"], ["Created", fmtTime(e.created_at)], ["Latest", d.latest || "–"],
         ["Code", codeVersion(e.code_version)]]
         .map(([k, v]) => `<dt>${k}</dt><dd>${esc(v ?? "–")}</dd>`).join("") : "";
       const stateFacts = st ? `<dt>State</dt><dd>${badge(st.state)} step ${st.step}/${st.total_steps ?? "?"} · attempts ${st.attempts}</dd>
+        ${st.loss != null ? `<dt>Last step loss</dt><dd id="last-step-loss">${fmtNum(st.loss)} (step ${st.step}, one batch)</dd>` : ""}
         ${st.run_id ? `<dt>Run</dt><dd class="mono"><a href="#/run/${encodeURIComponent(st.run_id)}">${esc(st.run_id)}</a></dd>` : ""}` : "";
       const err = st && st.error ? `<div class="panel error"><h2>Error (attempt ${st.attempts})</h2><div class="mono">${esc(st.error)}</div>
         ${st.state === "failed" ? `<p><button class="small" data-retry="${esc(d.subject)}" ${meta.can_act ? "" : "disabled"}>Retry</button>
@@ -272,12 +285,13 @@ const views = {
         <div class="panel"><h2>Latest validation</h2><div class="grids" id="validation-images">${grids || `<span class="muted">no validation grids in this version</span>`}</div>
         ${d.images.validation_all > 2 ? `<p class="note">${d.images.validation_all} grids in all; the last two are shown.</p>` : ""}</div></div>` : "";
       const evaluation = d.evaluation ? `<dl class="kv">${Object.entries(d.evaluation).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(typeof v === "number" ? fmtNum(v) : JSON.stringify(v))}</dd>`).join("")}</dl>`
-        : `<p class="muted">No evaluation yet (<code>dreamfleet eval</code> results stored with the expert appear here).</p>`;
+        : `<p class="muted">No evaluation stored with this expert (<code>dreamfleet demo</code> stores its metrics here;
+          <code>dreamfleet eval</code> writes its table to its <code>--out</code>).</p>`;
       const selection = e && e.selection ? `<div id="selection">${selectionChart(e.selection)}</div>` : "";
       view.innerHTML = `<div class="crumbs"><a href="#/subjects">Subjects</a> / ${esc(d.subject)}</div>
         <div class="row"><h1>${esc(d.subject)} ${st ? badge(st.state) : ""}</h1><span class="spacer"></span>${versions}</div>
         ${d.message ? `<div class="panel error" id="subject-message">${esc(d.message)}</div>` : ""}${err}
-        <div class="grid2"><div class="panel"><h2>Loss curve</h2>${lossChart(d.curve.points, ["loss", "loss_instance", "loss_prior"])}<p class="note">${esc(d.curve.source)}</p></div>
+        <div class="grid2"><div class="panel"><h2>Loss curve</h2>${lossChart(d.curve.points, ["loss", "loss_instance", "loss_prior"], 640, 280, { smooth: true })}<p class="note">${esc(d.curve.source)}</p></div>
         <div class="panel"><h2>Expert ${esc(d.version || "")}</h2><dl class="kv">${stateFacts}${facts}</dl></div></div>
         ${selection}${images}
         <div class="grid2"><div class="panel"><h2>Evaluation</h2>${evaluation}</div>
@@ -339,12 +353,12 @@ const views = {
            <dt>steps</dt><dd>${a.steps ?? ""}</dd><dt>final loss</dt><dd>${num(a.final_loss, 4)}</dd>
            <dt>wall time</dt><dd>${num(a.wall_time_s, 0)} s</dd><dt>recipe</dt><dd>${esc(JSON.stringify(a.recipe))}</dd>
            <dt>created</dt><dd>${esc(a.created_at)}</dd></dl></div>
-           <div class="panel"><h2>Training curve</h2>${lossChart(a.curve.points, ["loss"])}</div></div>`).join("");
+           <div class="panel"><h2>Training curve</h2>${lossChart(a.curve.points, ["loss"], 640, 280, { smooth: true })}</div></div>`).join("");
       view.innerHTML = `<h1>Apprentice</h1>
         <h2>Demonstration sets (gather and filter)</h2><div class="table-wrap"><table id="demo-sets-table"><thead><tr><th>Set</th>
         <th class="num">Experts</th><th class="num">Renders</th><th class="num">Kept</th><th class="num">Threshold</th><th>Kept at other thresholds</th></tr></thead>
-        <tbody>${sets || `<tr><td colspan="6" class="muted">No demonstration set given (--demo-sets).</td></tr>`}</tbody></table></div>
-        <h2>Apprentices</h2>${apps || `<div class="panel muted">No apprentice given (--apprentices).</div>`}`;
+        <tbody>${sets || `<tr><td colspan="6" class="muted">No demonstration set given: ${esc(d.hints.demo_sets)}.</td></tr>`}</tbody></table></div>
+        <h2>Apprentices</h2>${apps || `<div class="panel muted">No apprentice given: ${esc(d.hints.apprentices)}.</div>`}`;
     },
   },
 };
@@ -375,12 +389,16 @@ async function tick(force = false) {
     setLive(true);
     hideBanner();
   } catch (e) {
-    setLive(false);
+    // Offline only when the server cannot be reached: a 404 for one resource is an answer.
+    // (502/504: a proxy in front of the dashboard that cannot reach it.)
+    const reached = e.status != null && e.status !== 502 && e.status !== 504;
+    setLive(reached);
     if (key !== current || e.status === 404 || e.status === 503 || e.status === 401) {
       current = key; lastBody = null;
       view.innerHTML = `<div class="panel error" id="error-message"><h2>${e.status === 404 ? "Not found" : e.status === 401 ? "Key needed" : "Cannot read the data"}</h2>${esc(e.message)}</div>`;
     } else {
-      showBanner(`Lost contact with the dashboard server (${e.message}); retrying every ${POLL_MS / 1000}s.`);
+      showBanner(reached ? `The dashboard server answered ${e.status} (${e.message}); retrying every ${POLL_MS / 1000}s.`
+        : `Lost contact with the dashboard server (${e.message}); retrying every ${POLL_MS / 1000}s.`);
     }
   } finally { inflight = false; }
 }
@@ -399,8 +417,15 @@ function markNav() {
 }
 
 async function loadMeta() {
-  try { meta = await api("api/meta"); $("#ray-link").href = meta.ray_dashboard; } catch (e) { /* the view shows the error */ }
+  try { meta = await api("api/meta"); showRayLink(meta.ray_dashboard); } catch (e) { /* the view shows the error */ }
   $("#key-button").textContent = key() ? "Key ✓" : "Key";
+}
+
+// Ray's dashboard where one answers; "not running" where none does (the embedded local Ray has none).
+function showRayLink(url) {
+  if (url) $("#ray-link").href = url;
+  $("#ray-link").hidden = !url;
+  $("#ray-off").hidden = !!url;
 }
 
 $("#key-button").onclick = () => { $("#key-input").value = key(); $("#key-dialog").showModal(); };
@@ -412,7 +437,6 @@ $("#key-dialog").addEventListener("close", () => {
 });
 
 window.addEventListener("hashchange", () => { markNav(); view.innerHTML = `<p class="muted">Loading…</p>`; tick(true); });
-if (CONFIG.ray_dashboard) $("#ray-link").href = CONFIG.ray_dashboard;
 markNav();
 loadMeta().then(() => tick(true));
 setInterval(() => tick(false), POLL_MS);

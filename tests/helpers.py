@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -273,3 +275,26 @@ class PixelScorer:
 
     def prompt(self, generated, prompts):
         return [1.0] * len(generated)
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def perturbed(src: Path, dest: Path, sid: str, seed: int) -> Path:
+    """``src``'s expert under another id, its LoRA up-projections moved by a seeded amount."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dest)
+    with safe_open(str(src / LORA_FILE), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    gen = torch.Generator().manual_seed(seed)
+    for k, v in state.items():
+        if ".up." in k or "lora_B" in k:
+            state[k] = v + torch.randn(v.shape, generator=gen) * v.abs().mean().clamp(min=1e-3) * 4
+    save_file(state, str(dest / LORA_FILE), metadata=meta)
+    info = json.loads((dest / "expert.json").read_text())
+    info.update(subject_id=sid)
+    (dest / "expert.json").write_text(json.dumps(info))
+    return dest

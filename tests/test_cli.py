@@ -159,3 +159,23 @@ def test_demo_takes_your_photos(tmp_path):
     assert _write_manifest(args, tmp_path / "manifest") == ["pics"]
     rec = Manifest.open(tmp_path / "manifest").record("pics")
     assert rec.class_noun == "teddy bear" and rec.num_images == 3 and "on the beach" in rec.eval_prompts[3]
+
+
+def test_serve_refuses_a_port_another_server_listens_on(tmp_path):
+    """Ray's proxy listens with SO_REUSEPORT: a second `dreamfleet serve` on its port used to start
+    and split the traffic with the first."""
+    import socket
+    import subprocess
+    import sys
+
+    from dreamfleet.registry import Registry
+
+    Registry(tmp_path / "reg")
+    with socket.socket() as first:
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "dreamfleet.cli.main", "serve", "--registry", str(tmp_path / "reg"),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and f"port {port} on 127.0.0.1 is in use" in r.stderr, r.stderr[-2000:]

@@ -106,7 +106,7 @@ def test_eviction_during_a_pass_waits_for_the_pass(registry):
         evicted_mid_pass.append(("a", "v0001") in engine.active)
         return kwargs
 
-    engine._stop_when_dead = lambda tickets: evict_then_check  # noqa: SLF001 (hook the step callback)
+    engine._stop_when_dead = lambda tickets: evict_then_check  # hook the step callback
     engine.generate("a", "v0001", [item(0)])
     assert evicted_mid_pass and all(evicted_mid_pass)
     assert ("a", "v0001") not in engine.active and engine.stats.evictions == 1

@@ -26,7 +26,9 @@ class ServeConfig:
     insecure: bool = cfg(False, "allow binding a non-loopback address without API keys")
     max_steps: int = cfg(100, "largest steps a request may ask for")
     max_images: int = cfg(8, "largest num_images / n")
-    min_side: int = cfg(8, "smallest width/height on any expert (each expert's floor is half its base's native side)")
+    min_side: int = cfg(8, "smallest width/height on any expert")
+    min_side_fraction: float = cfg(0.5, "each expert's smallest width/height, as a fraction of its base model's "
+                                        "native side (smaller renders come out broken)")
     max_side: int = cfg(1024, "largest width/height")
     max_body_bytes: int = cfg(12_000_000, "largest request body (room for 8 demonstrations of max_demo_bytes)")
     apprentice: str | None = cfg(None, "apprentice folder: serve requests with 'demonstrations' instead of 'subject'")
@@ -57,6 +59,8 @@ class ServeConfig:
             raise ConfigError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
         if self.min_side % 8 or self.max_side % 8 or self.min_side > self.max_side:
             raise ConfigError("min_side and max_side must be multiples of 8 with min_side <= max_side")
+        if not 0 < self.min_side_fraction <= 1:
+            raise ConfigError(f"min_side_fraction must be in (0, 1], got {self.min_side_fraction}")
         if not 0 < self.request_timeout_s <= self.max_request_timeout_s:
             raise ConfigError("request_timeout_s must be > 0 and at most max_request_timeout_s")
         if min(self.max_pixel_steps, self.max_ongoing_requests, self.max_queued_requests, self.rate_limit_burst) < 1:

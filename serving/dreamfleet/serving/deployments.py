@@ -20,6 +20,7 @@ from ray import serve
 
 from dreamfleet.core.config import from_dict
 from dreamfleet.core.expert import ExpertKey
+from dreamfleet.serving.batcher import Batcher
 from dreamfleet.serving.config import ServeConfig
 
 log = logging.getLogger("dreamfleet.serving")
@@ -67,55 +68,39 @@ class ExpertModel:
         self.engine = engine = ExpertEngine(self.cfg.registry, host_cache_size=self.cfg.host_cache_size)
 
         async def load(model_id: str) -> _Loaded:
-            key = ExpertKey.parse(model_id)
-            await asyncio.get_running_loop().run_in_executor(None, engine.load, *key)
-            return _Loaded(engine, *key)
+            # Only the multiplexing LRU's entry: the engine loads the weights in the batch's pass
+            # (under its lock, with the batch's other experts), so a load never waits for a pass
+            # to end and requests for different experts still arrive together and share a pass.
+            return _Loaded(engine, *ExpertKey.parse(model_id))
 
         # The LRU's size comes from the config, so multiplexing is wired here, per replica. `load`
         # is a plain function, not a bound method: Ray keeps the LRU as an attribute of the function.
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
-        # The batch queue is made on the first call, with the values set by then.
-        self._batched.set_max_batch_size(self.cfg.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
+        self.batcher = Batcher(engine.generate_jobs, max_size=self.cfg.max_batch_size, wait_s=self.cfg.batch_wait_s)
 
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
         """One request's images. ``item["deadline"]``: ``time.time()`` seconds it must finish by.
-        A request cancelled by its caller (the client went away, or the ingress's deadline hit)
-        stops its pass between denoising steps, once every request in the pass is dead."""
-        from dreamfleet.serving.engine import ExpertUnavailable, Ticket
+        Requests that arrive together, for any experts, go to the engine in one call (it renders
+        plain LoRA experts of one base model in one pass). A request cancelled by its caller (the
+        client went away, or the ingress's deadline hit) stops its pass between denoising steps,
+        once every request in the pass is dead."""
+        from dreamfleet.serving.engine import GenItem, Job, Ticket
 
         model_id = serve.get_multiplexed_model_id()
         key = ExpertKey.parse(model_id)
         cache = "hit" if key in self.engine.active else ("host" if key in self.engine.host else "disk")
         ticket = Ticket(deadline=item.pop("deadline", None))
         try:
-            try:
-                await self.get_model(model_id)
-            except Exception as e:  # e.g. a truncated weights file: this expert only
-                log.exception("loading %s failed", model_id)
-                return {"images": ExpertUnavailable(f"expert {model_id} could not be loaded ({type(e).__name__}: {e})"),
-                        "cache": cache, "replica": self.replica, "stats": self.engine.stats.as_dict(),
-                        "loaded": self.engine.loaded()}
-            images = await self._batched({**item, "model_id": model_id, "ticket": ticket})
+            await self.get_model(model_id)
+            images = await self.batcher.submit(Job(key.subject_id, key.version, GenItem(**item), ticket))
+            images = [_png_b64(im) for im in images]
         except asyncio.CancelledError:
             ticket.cancelled.set()
             raise
+        except Exception as e:  # reported to the ingress, which answers with its status
+            images = e
         return {"images": images, "cache": cache, "replica": self.replica,
                 "stats": self.engine.stats.as_dict(), "loaded": self.engine.loaded()}
-
-    @serve.batch  # max_batch_size and batch_wait_timeout_s: set in __init__ from the config
-    async def _batched(self, items: list[dict[str, Any]]) -> list[Any]:
-        """Requests that arrived together, for any experts: the engine renders plain LoRA
-        experts of one base model in one pass, the others per expert."""
-        from dreamfleet.serving.engine import GenItem, Job
-
-        jobs = []
-        for it in items:
-            key = ExpertKey.parse(it["model_id"])
-            fields = {k: v for k, v in it.items() if k not in ("model_id", "ticket")}
-            jobs.append(Job(key.subject_id, key.version, GenItem(**fields), it["ticket"]))
-        results = await asyncio.get_running_loop().run_in_executor(None, self.engine.generate_jobs, jobs)
-        return [r if isinstance(r, Exception) else [_png_b64(im) for im in r] for r in results]
 
     async def stats(self) -> dict[str, Any]:
         return {"replica": self.replica, "stats": self.engine.stats.as_dict(), "loaded": self.engine.loaded()}

@@ -20,6 +20,7 @@ Ray-free, so it is tested and benchmarked directly; the Ray Serve deployment wra
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import threading
 import time
@@ -147,7 +148,7 @@ class ExpertEngine:
         self.active: dict[tuple[str, str], str] = {}  # on the device: (subject, version) -> adapter/"bank"/"full"
         self.stats = EngineStats()
         self.lock = threading.RLock()
-        self._busy = False  # a pass is running (an eviction then waits for the next call)
+        self._pinned: set[tuple[str, str]] = set()  # the experts of the call running: evicted after it
         self._evict_later: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------------ weights
@@ -189,7 +190,8 @@ class ExpertEngine:
         An expert already active is a use, not a load: it only moves up the host LRU, with no
         load counted and no swap time (a replica's multiplexing loads it, then ``generate`` asks)."""
         with self.lock:
-            self._drain_evictions()
+            if not self._pinned:
+                self._drain_evictions()
             key = (subject_id, version)
             if key in self.active and key in self.host:
                 self.host.move_to_end(key)
@@ -222,7 +224,7 @@ class ExpertEngine:
         self._evict_later.append((subject_id, version))
         if self.lock.acquire(blocking=False):
             try:
-                if not self._busy:
+                if not self._pinned:
                     self._drain_evictions()
             finally:
                 self.lock.release()
@@ -233,6 +235,9 @@ class ExpertEngine:
 
     def _evict_now(self, subject_id: str, version: str) -> None:
         key = (subject_id, version)
+        if key in self._pinned:  # the running call renders it (the host LRU dropped it meanwhile)
+            self._evict_later.append(key)
+            return
         what = self.active.pop(key, None)
         if what is None:
             return
@@ -253,8 +258,9 @@ class ExpertEngine:
                 pipe.delete_adapters(what)
 
     def loaded(self) -> list[str]:
-        with self.lock:
-            return [str(ExpertKey(s, v)) for s, v in self.active]
+        """The experts on the device. Lock-free (``list`` of a dict is atomic under the GIL): the
+        replica's event loop calls it, and must not wait for a pass to end."""
+        return [str(ExpertKey(s, v)) for s, v in list(self.active)]
 
     # ------------------------------------------------------------------ generation
 
@@ -317,13 +323,13 @@ class ExpertEngine:
         out: list[list[Image.Image] | Exception | None] = [None] * len(jobs)
         with self.lock:
             self._drain_evictions()
-            entries = self._load_all(jobs, out)
-            self._busy = True
+            self._pinned = {job.key for job in jobs}
             try:
+                entries = self._load_all(jobs, out)
                 for idx in self._passes(jobs, entries, out).values():
                     self._run_pass(jobs, idx, entries, out)
             finally:
-                self._busy = False
+                self._pinned = set()
                 self._drain_evictions()
         return out  # type: ignore[return-value]
 
@@ -367,7 +373,9 @@ class ExpertEngine:
         try:
             pipe = self._pipeline_for(first)
             call = pipe if fusion is None else self._fusion(pipe, first)
-            extra = {} if fusion is not None else {"callback_on_step_end": self._stop_when_dead([jobs[i].ticket for i in idx])}
+            extra = {}
+            if "callback_on_step_end" in inspect.signature(call.__call__).parameters:  # not Fusion Sampling's
+                extra["callback_on_step_end"] = self._stop_when_dead([jobs[i].ticket for i in idx])
             bank = self.banks[first.info.base_model["spec"]]
             with torch.inference_mode(), bank.route(route if first.bank_pairs is not None else None):
                 images = call(prompts, num_inference_steps=steps, guidance_scale=guidance, width=width,

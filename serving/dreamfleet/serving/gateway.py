@@ -215,11 +215,11 @@ class Gateway:
                 f"max_pixel_steps of {self.cfg.max_pixel_steps}; ask for fewer pixels, steps or images"}])
 
     def _size(self, info, width, height, loc: str | None = None):
-        """The request's size: the base model's native side by default; each side at least half
-        the native side (and ``min_side``), in the multiples the family's latents need."""
+        """The request's size: the base model's native side by default; each side at least
+        ``min_side_fraction`` of the native side (and ``min_side``), in the multiples the family's latents need."""
         native = int(info.base_model.get("resolution") or 512)
         multiple = 16 if info.base_model.get("family", "sd") in DIT_FAMILIES else 8
-        floor = max(self.cfg.min_side, native // 2 // multiple * multiple, multiple)
+        floor = max(self.cfg.min_side, int(native * self.cfg.min_side_fraction) // multiple * multiple, multiple)
         side = min(max(native, floor), self.cfg.max_side)
         width, height = width or side, height or side
         for name, v in (("width", width), ("height", height)):

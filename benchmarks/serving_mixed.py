@@ -130,7 +130,7 @@ def throughput(args) -> dict:
     for i, sid in enumerate(names):
         reg.publish(sid, perturbed(src, root / "x" / sid, sid, i))
     engine = engine_passes(reg, names, args.steps, args.side, args.repeats)
-    url = start_serve(str(reg.uri), max_models_per_replica=8, max_batch_size=8)
+    url = start_serve(str(reg.uri), max_models_per_replica=args.lru, max_batch_size=8)
     for sid in names[:3]:  # the replica's imports and first loads
         httpx.post(url + "/v1/generate", json={"subject": sid, "prompt": "a [V]", "steps": 1}, timeout=600)
     one = http_throughput(url, names[:1], args.requests, args.clients, args.steps, args.side)
@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=32)
     ap.add_argument("--sides", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--lru", type=int, default=8, help="experts per replica (the multiplexing LRU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = throughput(args) if args.what == "throughput" else overhead(args)

@@ -34,7 +34,7 @@ def registry(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mixed")
     reg = Registry(tmp / "reg")
     experts = {"a": _train(tmp, "a", 1), "b": _train(tmp, "b", 2, lora_rank=8),
-               "te": _train(tmp, "te", 3, train_text_encoder=True)}
+               "te": _train(tmp, "te", 3, train_text_encoder=True), "te2": _train(tmp, "te2", 4, train_text_encoder=True)}
     for sid, folder in experts.items():
         reg.publish(sid, folder)
     return {"reg": reg, "experts": experts, "tmp": tmp}
@@ -110,3 +110,18 @@ def test_eviction_during_a_pass_waits_for_the_pass(registry):
     engine.generate("a", "v0001", [item(0)])
     assert evicted_mid_pass and all(evicted_mid_pass)
     assert ("a", "v0001") not in engine.active and engine.stats.evictions == 1
+
+
+def test_the_device_holds_at_most_max_active_peft_or_full_experts(registry):
+    """PEFT adapters and full fine-tunes are bounded on the device (least recently used leave);
+    plain LoRA experts live in the bank and do not count."""
+    engine = ExpertEngine(str(registry["reg"].uri), device="cpu", max_active=1)
+    for sid in ("a", "b", "te", "te2"):
+        engine.load(sid, "v0001")
+    assert engine.active == {("a", "v0001"): "bank", ("b", "v0001"): "bank", ("te2", "v0001"): engine.active[("te2", "v0001")]}
+    jobs = [Job("te", "v0001", item(0)), Job("te2", "v0001", item(0)), Job("a", "v0001", item(0))]
+    out = engine.generate_jobs(jobs)  # both PEFT experts in one call: neither leaves mid-call
+    assert all(isinstance(r, list) for r in out)
+    alone = engine.generate("te", "v0001", [item(0)])[0]
+    assert np.abs(pixels(out[0])[0] - pixels(alone)[0]).max() <= 1
+    assert sum(what != "bank" for what in engine.active.values()) == 1

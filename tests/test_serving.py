@@ -467,3 +467,23 @@ def test_one_tenant_over_its_rate_does_not_starve_the_others(server):
     assert limited and set(r.status_code for r in codes) == {404, 429}
     assert int(limited[0].headers["Retry-After"]) >= 1 and "acme" in limited[0].json()["detail"]
     assert post(server, body, token="bravo").status_code == 404  # bravo is still admitted
+
+
+def test_failures_map_to_statuses_a_client_can_act_on():
+    """The replica's queue full (Ray Serve's back-pressure), a dead replica, a damaged expert, a
+    deadline, a model failure: each answers with its status, the request id and, where retrying
+    helps, Retry-After."""
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from dreamfleet.serving.engine import Cancelled, ExpertUnavailable
+    from dreamfleet.serving.gateway import failure_for
+
+    cases = [(BackPressureError(num_queued_requests=64, max_queued_requests=64), 503, True),
+             (ActorDiedError(), 503, True), (ExpertUnavailable("expert x@v0001 could not be loaded"), 503, False),
+             (Cancelled("late"), 504, False), (RuntimeError("boom"), 500, False)]
+    for exc, status, retry in cases:
+        answer = failure_for(exc, "rid1", 30.0)
+        body = json.loads(answer.body)
+        assert answer.status_code == status and body["request_id"] == "rid1", (exc, answer.status_code)
+        assert ("retry-after" in answer.headers) == retry, exc

@@ -16,8 +16,10 @@ class ServeConfig:
     host: str = cfg("127.0.0.1", "HTTP bind address")
     port: int = cfg(8000, "HTTP port")
     replicas: int = cfg(1, "model replicas (each holds one base pipeline and an LRU of experts)")
-    max_models_per_replica: int = cfg(8, "experts kept loaded per replica (Ray Serve multiplexing LRU)")
-    host_cache_size: int = cfg(64, "experts kept in host memory per replica, so a swap does not touch the disk")
+    max_models_per_replica: int = cfg(8, "full fine-tunes and PEFT adapters kept on the device per replica (plain "
+                                         "LoRA experts share one bank, bounded by host_cache_size)")
+    host_cache_size: int = cfg(64, "experts kept in host memory per replica, so a swap does not touch the disk; "
+                                   "also the Ray Serve multiplexing LRU that routes requests to replicas")
     max_batch_size: int = cfg(8, "requests for the same expert batched into one pipeline call")
     batch_wait_s: float = cfg(0.01, "how long a batch waits for more requests")
     cpus_per_replica: float = cfg(0.0, "CPUs reserved per model replica (0: share the node)")

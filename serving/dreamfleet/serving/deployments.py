@@ -65,7 +65,8 @@ class ExpertModel:
         from dreamfleet.serving.engine import ExpertEngine
 
         self.cfg, self.replica = replica_setup(cfg_dict)
-        self.engine = engine = ExpertEngine(self.cfg.registry, host_cache_size=self.cfg.host_cache_size)
+        self.engine = engine = ExpertEngine(self.cfg.registry, host_cache_size=self.cfg.host_cache_size,
+                                            max_active=self.cfg.max_models_per_replica)
 
         async def load(model_id: str) -> _Loaded:
             # Only the multiplexing LRU's entry: the engine loads the weights in the batch's pass
@@ -75,7 +76,11 @@ class ExpertModel:
 
         # The LRU's size comes from the config, so multiplexing is wired here, per replica. `load`
         # is a plain function, not a bound method: Ray keeps the LRU as an attribute of the function.
-        self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
+        # It only routes (a replica that holds an expert in memory gets its requests): the engine
+        # bounds what is on the device. Sized as the host cache, so 20 rotating LoRA experts do
+        # not churn it (each churn costs a Ray routing retry and an unload on the event loop).
+        lru = max(self.cfg.max_models_per_replica, self.cfg.host_cache_size)
+        self.get_model = serve.multiplexed(max_num_models_per_replica=lru)(load)
         self.batcher = Batcher(engine.generate_jobs, max_size=self.cfg.max_batch_size, wait_s=self.cfg.batch_wait_s)
 
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:

@@ -134,13 +134,17 @@ def adapter_name(subject_id: str, version: str) -> str:
 
 
 class ExpertEngine:
-    def __init__(self, registry_uri: str, *, device: str = "auto", host_cache_size: int = 64):
+    def __init__(self, registry_uri: str, *, device: str = "auto", host_cache_size: int = 64,
+                 max_active: int | None = None):
+        """``max_active``: full fine-tunes and PEFT adapters kept on the device (least recently
+        used leave first; None: no bound). Plain LoRA experts live in the bank, bounded by the
+        host cache: a few MB each, they need no bound of their own."""
         from dreamfleet.registry import Registry
 
         self.registry = Registry(registry_uri, create=False)
         self.device = resolve_device(device)
         self.dtype = inference_dtype(self.device)
-        self.host_cache_size = host_cache_size
+        self.host_cache_size, self.max_active = host_cache_size, max_active
         self.bases: dict[str, BaseModel] = {}
         self.pipes: dict[str, Any] = {}  # base spec -> pipeline that owns the PEFT adapters
         self.banks: dict[str, LoRABank] = {}  # base spec -> plain LoRA experts, routed per image
@@ -200,9 +204,17 @@ class ExpertEngine:
             entry = self._host(subject_id, version)
             if key not in self.active:
                 self.active[key] = self._activate(key, entry)
+                self._bound_active()
             self.stats.swap_s.append(time.perf_counter() - t0)
             self.stats.swap_s = self.stats.swap_s[-100:]
             return entry
+
+    def _bound_active(self) -> None:
+        """Evict the least recently used full or PEFT experts beyond ``max_active``."""
+        heavy = [k for k in self.host if self.active.get(k) not in (None, "bank") and k not in self._pinned]
+        over = sum(1 for what in self.active.values() if what != "bank") - (self.max_active or len(self.active))
+        for key in heavy[:max(0, over)]:
+            self._evict_now(*key)
 
     def _activate(self, key: tuple[str, str], entry: HostExpert) -> str:
         base = self.base(entry.info.base_model["spec"])
@@ -331,6 +343,7 @@ class ExpertEngine:
             finally:
                 self._pinned = set()
                 self._drain_evictions()
+                self._bound_active()
         return out  # type: ignore[return-value]
 
     def _load_all(self, jobs: list[Job], out: list) -> dict[tuple[str, str], HostExpert]:

@@ -144,6 +144,17 @@ def test_a_truncated_expert_fails_alone_under_load(fleet):
     assert httpx.get(fleet["url"] + "/healthz").status_code == 200
 
 
+def test_a_full_queue_answers_503_with_retry_after_and_then_serves(fleet):
+    """More requests at once than the replica works on (32) plus its queue (64): the rest are
+    refused at once by Ray Serve's back-pressure, with Retry-After; nothing else fails or hangs."""
+    replies = run_clients(lambda i: generate(fleet, fleet["names"][i % EXPERTS], timeout=120), 160, clients=160)
+    codes = [r.status_code for r in replies]
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 96, sorted(set(codes))
+    refused = next(r for r in replies if r.status_code == 503)
+    assert refused.headers["Retry-After"] and "queue is full" in refused.json()["error"]
+    assert generate(fleet, "e00").status_code == 200
+
+
 def _kill_model_replica() -> None:
     import ray
 

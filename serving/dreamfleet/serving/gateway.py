@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import logging
 import secrets
@@ -27,6 +28,12 @@ log = logging.getLogger("dreamfleet.serving")
 
 
 DIT_FAMILIES = ("sd3", "flux", "zimage")  # latents patchified 2x2: sides in multiples of 16
+
+
+def _cancel(response) -> None:
+    """Cancel a model request; one that never reached a replica (back-pressure) raises again."""
+    with contextlib.suppress(Exception):
+        response.cancel()
 
 
 def failure(status: int, message: str, rid: str, *, retry_after: str | None = None) -> JSONResponse:
@@ -172,10 +179,10 @@ class Gateway:
             if isinstance(images, Exception):
                 raise images
         except asyncio.CancelledError:  # the client went away
-            response.cancel()
+            _cancel(response)
             raise
         except Exception as e:
-            response.cancel()
+            _cancel(response)
             log.warning("request %s failed: %s: %s", rid, type(e).__name__, e)
             return None, rid, failure_for(e, rid, timeout)
         self.metrics.generation(reply, len(images))
@@ -279,10 +286,10 @@ class Gateway:
         try:
             reply = await asyncio.wait_for(response, timeout)
         except asyncio.CancelledError:
-            response.cancel()
+            _cancel(response)
             raise
         except Exception as e:
-            response.cancel()
+            _cancel(response)
             log.warning("request %s failed: %s: %s", rid, type(e).__name__, e)
             return failure_for(e, rid, timeout)
         self.metrics.generation(reply, len(reply["images"]))

@@ -6,9 +6,11 @@ zero-shot apprentice deployment, when the server has one), ``POST /v1/images/gen
 (Prometheus text format).
 
 A request for subject S goes to the ``ExpertModel`` deployment with multiplexed model id
-``S@<version>``; Ray Serve prefers a replica that already holds it. Each replica keeps an
-LRU of loaded experts (``@serve.multiplexed``) over one base pipeline, and batches requests
-for the same expert that arrive together (``@serve.batch``).
+``S@<version>``; Ray Serve prefers a replica that already holds it (``@serve.multiplexed``).
+Each replica keeps one base pipeline per base model and renders the requests that arrive
+together, for any experts, in one engine call (``serving/batcher.py``): plain LoRA experts
+share one denoiser pass. The ingress bounds each request (body, size, work, deadline, rate)
+and counts every answer; ``docs/serving.md`` has the limits and what each failure answers.
 
 Where things are: the model deployments in :mod:`dreamfleet.serving.deployments`, what the
 ingress does for each route in :class:`dreamfleet.serving.gateway.Gateway`, the request

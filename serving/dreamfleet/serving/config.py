@@ -20,7 +20,8 @@ class ServeConfig:
                                          "LoRA experts share one bank, bounded by host_cache_size)")
     host_cache_size: int = cfg(64, "experts kept in host memory per replica, so a swap does not touch the disk; "
                                    "also the Ray Serve multiplexing LRU that routes requests to replicas")
-    max_batch_size: int = cfg(8, "requests for the same expert batched into one pipeline call")
+    max_batch_size: int = cfg(8, "requests (for any experts) that arrive together, rendered in one engine call: "
+                                 "plain LoRA experts of one base model share one denoiser pass")
     batch_wait_s: float = cfg(0.01, "how long a batch waits for more requests")
     cpus_per_replica: float = cfg(0.0, "CPUs reserved per model replica (0: share the node)")
     gpus_per_replica: float = cfg(0.0, "GPUs per model replica")

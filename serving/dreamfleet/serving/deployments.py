@@ -1,5 +1,5 @@
 """The model deployments: ``ExpertModel`` (multiplexed experts over one base pipeline per
-replica, same-expert batching) and ``ApprenticeModel`` (zero-shot, from demonstrations).
+replica, mixed-subject batching through its own queue) and ``ApprenticeModel`` (zero-shot, from demonstrations).
 
 Both are defined once, here. What depends on the server's config is wired per replica in
 ``__init__`` (the multiplexing LRU's size, the batch size and wait) or at bind time in

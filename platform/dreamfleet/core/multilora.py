@@ -135,13 +135,3 @@ class LoRABank:
             yield
         finally:
             self.slots = None
-
-    def to(self, device: Any, dtype: Any = None) -> LoRABank:
-        for layer in self.layers.values():
-            layer.a, layer.b = layer.a.to(device, dtype), layer.b.to(device, dtype)
-        return self
-
-    def detach(self) -> None:
-        for layer in self.layers.values():
-            layer.handle.remove()
-        self.layers, self.slot_of = {}, {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import copy
 import logging
 import secrets
 import time
@@ -25,9 +24,6 @@ from dreamfleet.core.expert import ExpertKey
 from dreamfleet.serving.config import ServeConfig
 
 log = logging.getLogger("dreamfleet.serving")
-
-
-DIT_FAMILIES = ("sd3", "flux", "zimage")  # latents patchified 2x2: sides in multiples of 16
 
 
 def _cancel(response) -> None:
@@ -168,16 +164,21 @@ class Gateway:
 
     async def _run(self, info, version, item: dict[str, Any], timeout: float):
         """Ask the model deployment for one request's images: (images, request id, None), or
-        (None, request id, the error answer). Past ``timeout`` the request is cancelled on the
-        replica too (its pass stops between denoising steps), as when the client goes away."""
-        rid = uuid.uuid4().hex[:16]
+        (None, request id, the error answer)."""
         handle = self.model.options(multiplexed_model_id=str(ExpertKey(info.subject_id, version)))
-        response = handle.generate.remote({**item, "deadline": time.time() + timeout})
+        reply, rid, error = await self._await(handle.generate.remote({**item, "deadline": time.time() + timeout}),
+                                              timeout)
+        return (None, rid, error) if error is not None else (reply["images"], rid, None)
+
+    async def _await(self, response, timeout: float):
+        """A model deployment's reply: (reply, request id, None), or (None, request id, the error
+        answer). Past ``timeout`` the request is cancelled on the replica too (its pass stops
+        between denoising steps), as when the client goes away."""
+        rid = uuid.uuid4().hex[:16]
         try:
             reply = await asyncio.wait_for(response, timeout)
-            images = reply["images"]
-            if isinstance(images, Exception):
-                raise images
+            if isinstance(reply["images"], Exception):
+                raise reply["images"]
         except asyncio.CancelledError:  # the client went away
             _cancel(response)
             raise
@@ -185,8 +186,8 @@ class Gateway:
             _cancel(response)
             log.warning("request %s failed: %s: %s", rid, type(e).__name__, e)
             return None, rid, failure_for(e, rid, timeout)
-        self.metrics.generation(reply, len(images))
-        return images, rid, None
+        self.metrics.generation(reply, len(reply["images"]))
+        return reply, rid, None
 
     def _timeout(self, header: str | None) -> float:
         """The request's deadline in seconds: the X-Request-Timeout header, else the server's default."""
@@ -225,7 +226,9 @@ class Gateway:
         """The request's size: the base model's native side by default; each side at least
         ``min_side_fraction`` of the native side (and ``min_side``), in the multiples the family's latents need."""
         native = int(info.base_model.get("resolution") or 512)
-        multiple = 16 if info.base_model.get("family", "sd") in DIT_FAMILIES else 8
+        from dreamfleet.core.families import get_family
+
+        multiple = get_family(info.base_model.get("family", "sd")).side_multiple
         floor = max(self.cfg.min_side, int(native * self.cfg.min_side_fraction) // multiple * multiple, multiple)
         side = min(max(native, floor), self.cfg.max_side)
         width, height = width or side, height or side
@@ -278,21 +281,12 @@ class Gateway:
         width, height = self._size(info, body.width, body.height)
         self._budget(width, height, body.steps, body.num_images)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-        rid = uuid.uuid4().hex[:16]
         item = {"demonstrations": demos, "prompt": body.prompt, "class_noun": body.class_noun,
                 "num_images": body.num_images, "steps": body.steps, "guidance_scale": body.guidance_scale,
                 "seed": seed, "width": width, "height": height}
-        response = self.apprentice.generate.remote(item)
-        try:
-            reply = await asyncio.wait_for(response, timeout)
-        except asyncio.CancelledError:
-            _cancel(response)
-            raise
-        except Exception as e:
-            _cancel(response)
-            log.warning("request %s failed: %s: %s", rid, type(e).__name__, e)
-            return failure_for(e, rid, timeout)
-        self.metrics.generation(reply, len(reply["images"]))
+        reply, rid, error = await self._await(self.apprentice.generate.remote(item), timeout)
+        if error is not None:
+            return error
         return JSONResponse(headers={"X-Dreamfleet-Request-ID": rid}, content={
             "images": reply["images"], "subject": None, "apprentice": info.identifier,
             "demonstrations": len(demos), "seed": seed, "prompt": prompt, "width": width, "height": height,
@@ -433,7 +427,7 @@ class Gateway:
     def serving_snapshot(self, authorization: str | None):
         """The replicas' state; a tenant's key sees only the loaded experts it may use."""
         caller = self._caller(authorization)
-        snap = copy.deepcopy(self.metrics.snapshot())
+        snap = self.metrics.snapshot()  # its replicas are a copy
         if not caller.admin:
             for rep in snap["replicas"].values():
                 rep["loaded"] = [k for k in rep.get("loaded") or [] if self._visible(caller, k)]

@@ -84,6 +84,7 @@ class Family:
     text_encoder_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     training_scheduler: str = "DDPMScheduler"
     default_resolution: int = 512
+    side_multiple: int = 8  # image sides must be multiples of this (VAE scale x the transformer's patch size)
     # The UNet scripts save LoRA keys in diffusers' older format (lora.down/up, through
     # convert_state_dict_to_diffusers); the DiT scripts save PEFT's keys as they are.
     convert_lora_keys: bool = False

@@ -62,5 +62,6 @@ FAMILY = Flux(
     lora_targets=TRANSFORMER_TARGETS,
     training_scheduler="FlowMatchEulerDiscreteScheduler",
     default_resolution=1024,
+    side_multiple=16,  # latents patchified 2x2
     support=Support(full="no: Flux trains LoRA only here (a full 12B fine-tune is out of scope)"),
 )

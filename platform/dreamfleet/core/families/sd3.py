@@ -61,6 +61,7 @@ FAMILY = StableDiffusion3(
     lora_targets=TRANSFORMER_TARGETS,
     training_scheduler="FlowMatchEulerDiscreteScheduler",
     default_resolution=1024,
+    side_multiple=16,  # latents patchified 2x2
     support=Support(full="no: SD3 trains LoRA only here",
                     text_encoder_lora="no: SD3 trains transformer LoRA only here"),
 )

@@ -49,6 +49,7 @@ FAMILY = ZImage(
     lora_targets=("to_k", "to_q", "to_v", "to_out.0"),
     training_scheduler="FlowMatchEulerDiscreteScheduler",
     default_resolution=1024,
+    side_multiple=16,  # latents patchified 2x2
     support=Support(full="no: Z-Image trains LoRA only here (as diffusers' script)",
                     text_encoder_lora="no: Z-Image trains transformer LoRA only here"),
 )

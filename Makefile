@@ -16,7 +16,7 @@ UV_FLAGS := --python $(BIN)/python --find-links $(TORCH_WHEELS)
 LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 	--find-links $(TORCH_WHEELS) -c constraints.txt --no-header --annotation-style line
 
-.PHONY: install demo test test-slow lint format bench clean toy-model lock
+.PHONY: install demo test test-slow lint format bench clean toy-model toy-flux lock
 
 install: $(STAMP)
 
@@ -40,8 +40,10 @@ lock: $(STAMP)
 	rm -rf .venv-lock
 	@echo "requirements.lock refreshed and tested; commit it"
 
+# `make demo BASE=toy-flux` runs it on the toy Flux transformer instead of the toy UNet.
+BASE ?= toy
 demo: $(STAMP)
-	$(BIN)/dreamfleet demo --out demo
+	$(BIN)/dreamfleet demo --out demo --base-model $(BASE)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -53,6 +55,10 @@ test-slow: $(STAMP)
 # Re-pretrain the shipped toy base model (~60 min on 2 CPU cores; see docs/toy_world.md).
 toy-model: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/dreamfleet toy pretrain --out platform/dreamfleet/toy/assets/toy-model --minutes 46 --seed 0 --overwrite --grid docs/img/toy_samples.png
+
+# Re-pretrain the shipped toy Flux (~60 min on 1 CPU core; see docs/toy_world.md).
+toy-flux: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/dreamfleet toy pretrain --model toy-flux --out platform/dreamfleet/toy/assets/toy-flux --minutes 55 --seed 0 --overwrite --grid docs/img/toy_flux_samples.png
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/fanout_overhead.py --subjects 1 8 32 --steps 10

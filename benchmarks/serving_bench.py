@@ -1,8 +1,9 @@
 """Serving benchmark: warm overhead, cold adapter swaps, throughput with 1 vs 20 experts.
 
     .venv/bin/python benchmarks/serving_bench.py --requests 120 --clients 8
+    .venv/bin/python benchmarks/serving_bench.py --base-model toy-flux --side 32 --out benchmarks/results/serving-toy-flux.json
 
-Builds a registry of real tiny-random LoRA experts (trained here, a few steps each), starts
+Builds a registry of real LoRA experts (of tiny-random, or ``--base-model``) (trained here, a few steps each), starts
 the Serve app on an embedded local Ray (127.0.0.1), and measures:
 
 - warm latency: the base pipeline called directly, the engine with an expert active, and
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default="benchmarks/results/serving.json")
+    ap.add_argument("--base-model", default="tiny-random", help="base of the experts (e.g. toy, toy-flux)")
     args = ap.parse_args()
 
     import httpx
@@ -64,7 +66,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="dreamfleet-serve-bench-"))
     reg = Registry(root / "reg")
-    base_expert = train_subject(SubjectData("e00", "dog", [picture(i) for i in range(3)]), "tiny-random",
+    base_expert = train_subject(SubjectData("e00", "dog", [picture(i) for i in range(3)]), args.base_model,
                                 fast_config(steps=4), root / "experts" / "e00",
                                 class_cache=ClassImageCache(root / "cache"), progress=False).expert_dir
     names = [f"e{i:02d}" for i in range(20)]
@@ -78,13 +80,13 @@ def main() -> None:
     item = dict(prompt="a photo of {subject} on the beach", steps=args.steps, seed=1, width=args.side, height=args.side)
 
     # 1. warm latency, in process
-    base = load_base("tiny-random", fresh=False)
+    base = load_base(args.base_model, fresh=False)
     pipe = base.pipeline()
     direct = []
     for i in range(args.repeats + 2):
         t = time.perf_counter()
         with torch.inference_mode():
-            pipe("a photo of a dog", num_inference_steps=args.steps, width=args.side, height=args.side,
+            pipe("a photo of a dog", num_inference_steps=args.steps, width=args.side, height=args.side, guidance_scale=7.5,
                  generator=torch.Generator().manual_seed(i))
         direct.append(time.perf_counter() - t)
     engine = ExpertEngine(str(reg.uri))
@@ -152,7 +154,7 @@ def main() -> None:
 
     report = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        "command": " ".join(["python", *sys.argv]), "model": "tiny-random", "side": args.side, "steps": args.steps,
+        "command": " ".join(["python", *sys.argv]), "model": args.base_model, "side": args.side, "steps": args.steps,
         "warm": {"base_pipeline_direct": stats(direct[2:]), "engine_expert_active": stats(engine_warm[2:]),
                  "http_serve": stats(http_warm)},
         "warm_overhead_vs_direct_ms": round((statistics.median(http_warm) - statistics.median(direct[2:])) * 1000, 1),

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train toy subjects through the fan-out on an embedded local Ray; write results.md and grid.png",
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="output folder (its registry is replaced)")
-    p.add_argument("--base-model", default="toy", help="base model spec")
+    p.add_argument("--base-model", default="toy", help="base model spec: toy (the UNet) or toy-flux (the Flux transformer), "
+                   "each with its microbench recipe")
     p.add_argument("--subjects", default=",".join(DEMO_SUBJECTS), help="comma-separated toy subject ids")
     p.add_argument("--images", type=Path, help="a folder of your own photos to train instead of the toy subjects")
     p.add_argument("--class-noun", default="dog", help="the class of the --images subject")
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"subjects: {', '.join(ids)} (manifest {out / 'manifest'})")
     shutil.rmtree(out / "registry", ignore_errors=True)  # a fresh run every time
     overrides = {"steps": args.steps, "num_class_images": args.class_images}
-    train_cfg = microbench_train_config(**{k: v for k, v in overrides.items() if v is not None})
+    train_cfg = microbench_train_config(args.base_model, **{k: v for k, v in overrides.items() if v is not None})
     eval_cfg = EvalConfig(images_per_prompt=args.eval_images)
     fan = FanoutConfig(max_concurrent=max(1, min(args.num_cpus, len(ids))), cpus_per_worker=1,
                        class_cache=str(out / "class-images"), class_image_actors=args.num_cpus)
@@ -179,9 +180,11 @@ def _results_md(out: Path, results: list[dict], train_cfg, eval_images: int, wal
         table = (out / "results.md").read_text().split("\n", 2)[2]  # write_table's, without its title
     else:
         table = "(No toy metrics: the toy judge knows only the toy subjects.)\n"
+    how = ("full fine-tuning of the denoiser" if train_cfg.method == "full"
+           else f"LoRA (rank {train_cfg.lora_rank}) on the denoiser")
     text = f"""# dreamfleet demo
 
-The toy base model before and after DreamBooth: full fine-tuning of the UNet,
+The toy base model before and after DreamBooth: {how},
 {train_cfg.steps} steps at learning rate {train_cfg.learning_rate:g}, prior preservation with
 {train_cfg.num_class_images} class images (the recipe of `docs/microbench.md`); one expert per
 subject, trained through the fan-out on an embedded local Ray. {wall_s:.0f} s in all.

@@ -71,13 +71,15 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     c = C.from_dict(PretrainConfig, C.overrides_from_args(PretrainConfig, args))
     record = pretrain(c, args.out, overwrite=args.overwrite)
-    print(f"toy model written to {args.out}: {record['vae_steps']} VAE + {record['unet_steps']} UNet steps "
+    print(f"{c.model} written to {args.out}: {record['vae_steps']} VAE + {record['unet_steps']} denoiser steps "
           f"in {record['wall_time_s'] / 60:.1f} min")
     if args.grid:
+        from dreamfleet.toy.flux import load_toy_flux
         from dreamfleet.toy.model import load_toy
         from dreamfleet.toy.pretrain import SAMPLE_PROMPTS
 
-        sample_grid(load_toy(args.out), SAMPLE_PROMPTS).save(args.grid)
+        load = load_toy_flux if c.model == "toy-flux" else load_toy
+        sample_grid(load(args.out), SAMPLE_PROMPTS).save(args.grid)
         print(f"samples: {args.grid}")
     return 0
 

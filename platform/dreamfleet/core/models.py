@@ -34,6 +34,9 @@ from dreamfleet.core.hashing import sha256_file
 log = logging.getLogger("dreamfleet")
 
 SD_FAMILY = "sd"
+# What a saved base model says about itself beyond diffusers' configs (BaseModel.extra: its
+# native resolution, whether it samples with true classifier-free guidance), in model_index.json.
+EXTRA_KEY = "_dreamfleet"
 
 
 @dataclass
@@ -108,6 +111,9 @@ class BaseModel:
         pipe = self.pipeline()
         pipe.scheduler = self.noise_scheduler
         pipe.save_pretrained(folder, safe_serialization=True)
+        if self.extra:  # diffusers ignores "_" keys of model_index.json; load_folder reads this one back
+            index = json.loads((folder / "model_index.json").read_text())
+            (folder / "model_index.json").write_text(json.dumps({**index, EXTRA_KEY: self.extra}, indent=2) + "\n")
         return folder
 
 
@@ -281,7 +287,8 @@ def load_folder(folder: Path, spec: str, dtype: torch.dtype | None = None) -> Ba
     """A diffusers folder of any family (detected from its ``model_index.json``)."""
     family = detect(folder)
     components = family.load(folder, dtype)
-    return BaseModel(spec=spec, model_hash=folder_hash(folder), family=family.name, **components)
+    extra = json.loads((folder / "model_index.json").read_text()).get(EXTRA_KEY, {})
+    return BaseModel(spec=spec, model_hash=folder_hash(folder), family=family.name, extra=dict(extra), **components)
 
 
 def _hub_offline() -> bool:

@@ -21,7 +21,7 @@ import torch
 
 from dreamfleet.toy.judge import NONE, ToyJudge
 from dreamfleet.toy.subjects import SUBJECTS, random_subject_scene
-from dreamfleet.toy.world import CLASSES, CONTEXT_PHRASES, CONTEXTS, random_scene, render, scene_rng
+from dreamfleet.toy.world import CLASSES, COLOURS, CONTEXT_PHRASES, CONTEXTS, random_scene, render, scene_rng
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,26 @@ def prompt_fidelity(judge: ToyJudge, images, prompt: str) -> float:
     if content.context is not None:
         scores.append(probs["context"][:, CONTEXTS.index(content.context)])
     return float(torch.stack(scores).mean())
+
+
+def prompt_following(judge: ToyJudge, images_by_prompt: dict[str, list]) -> dict[str, float]:
+    """How well samples follow their prompts, per attribute the judge reads: the mean
+    probability, and the share of images where it is the judge's top choice, of the prompted
+    class, context and colour (over the prompts that name one); ``prompt_fidelity`` is
+    :func:`prompt_fidelity` averaged over the prompts. Patterns are not read by the judge."""
+    sums: dict[str, list[float]] = {}
+    for prompt, images in images_by_prompt.items():
+        _, probs = judge.predict(images)
+        content, words = parse_prompt(prompt), prompt.lower().split()
+        asked = {"cls": CLASSES.index(content.cls) if content.cls else None,
+                 "context": CONTEXTS.index(content.context) if content.context else None,
+                 "colour": next((list(COLOURS).index(w) for w in words if w in COLOURS), None)}
+        for head, index in asked.items():
+            if index is not None:
+                sums.setdefault(f"p_{head}", []).append(float(probs[head][:, index].mean()))
+                sums.setdefault(f"{head}_accuracy", []).append(float((probs[head].argmax(-1) == index).float().mean()))
+        sums.setdefault("prompt_fidelity", []).append(prompt_fidelity(judge, images, prompt))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 def photo_contexts(judge: ToyJudge, real_images) -> set[str]:

@@ -38,6 +38,7 @@ from dreamfleet.core.errors import ConfigError
 from dreamfleet.core.images import image_grid
 from dreamfleet.core.models import BaseModel, state_dict_hash
 from dreamfleet.core.version import code_version
+from dreamfleet.toy.flux import build_untrained_flux
 from dreamfleet.toy.model import build_untrained
 from dreamfleet.toy.world import caption, render, scene_rng, world_sample
 from dreamfleet.trainers.config import LoopConfig, OptimizerConfig
@@ -56,6 +57,7 @@ SAMPLE_PROMPTS = [
 class PretrainConfig:
     """How the toy model is pretrained."""
 
+    model: str = cfg("toy", "which toy model: 'toy' (the UNet) or 'toy-flux' (the Flux transformer)")
     seed: int = cfg(0, "seed of the weights, the world stream and every noise draw")
     minutes: float = cfg(46.0, "wall-clock budget of both stages; ignored for a stage whose steps are given")
     vae_fraction: float = cfg(0.15, "share of the budget given to the VAE stage")
@@ -69,12 +71,18 @@ class PretrainConfig:
     pool_size: int = cfg(30000, "scenes rendered and encoded once for the UNet stage")
     caption_keep: float = cfg(0.8, "probability that a caption keeps each attribute of its scene")
     empty_caption: float = cfg(0.1, "share of empty captions (for classifier-free guidance)")
+    init_from: str | None = cfg(None, "start the denoiser stage from this pretrained folder's weights (a second "
+                                "stage of the same model; its pretrain.json is kept in the new record)")
     threads: int = cfg(1, "torch CPU threads")
     checkpoint_every: int = cfg(500, "checkpoint every N steps (resumable)")
 
     def __post_init__(self) -> None:
-        if self.minutes <= 0 and (self.vae_steps is None or self.unet_steps is None):
-            raise ConfigError("minutes must be positive unless vae_steps and unet_steps are both given")
+        steps_given = self.unet_steps is not None and (self.vae_steps is not None or self.model == "toy-flux")
+        if self.minutes <= 0 and not steps_given:
+            raise ConfigError("minutes must be positive unless the steps are given (vae_steps and unet_steps; "
+                              "unet_steps for toy-flux, which has no VAE stage)")
+        if self.model not in ("toy", "toy-flux"):
+            raise ConfigError(f"model must be 'toy' or 'toy-flux', got {self.model!r}")
         if not 0 < self.vae_fraction < 1:
             raise ConfigError(f"vae_fraction must be between 0 and 1, got {self.vae_fraction}")
         for name in ("batch_size", "pool_size", "threads"):
@@ -126,11 +134,6 @@ class LatentPool:
         self.mean_bchw, self.std_bchw = torch.cat(means), torch.cat(stds)
 
 
-def latent_scaling_factor(pool: LatentPool) -> float:
-    """1 / std of the latents, as Stable Diffusion's 0.18215 is for its VAE."""
-    return float(1.0 / pool.mean_bchw[:2048].std())
-
-
 class DenoiseObjective:
     """Epsilon-prediction loss of the UNet and text encoder on captioned pool scenes."""
 
@@ -150,7 +153,8 @@ class DenoiseObjective:
                                    return_tensors="pt").input_ids[0]
         return torch.stack([self._ids[p] for p in prompts])
 
-    def loss(self, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def draw(self, step: int, micro_step: int) -> tuple[torch.Generator, list[str], torch.Tensor]:
+        """The step's generator, captions and VAE latent samples (unscaled) of its pool scenes."""
         c = self.c
         g = step_generator(c.seed, step, stream=micro_step)
         idx = torch.randint(len(self.pool.scenes), (c.batch_size,), generator=g)
@@ -160,7 +164,12 @@ class DenoiseObjective:
             for i in idx
         ]
         eps = torch.randn(self.pool.mean_bchw[idx].shape, generator=g)
-        latents_bchw = (self.pool.mean_bchw[idx] + self.pool.std_bchw[idx] * eps) * self.scaling
+        return g, prompts, self.pool.mean_bchw[idx] + self.pool.std_bchw[idx] * eps
+
+    def loss(self, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.c
+        g, prompts, sample_bchw = self.draw(step, micro_step)
+        latents_bchw = sample_bchw * self.scaling
         noise_bchw = torch.randn(latents_bchw.shape, generator=g)
         sched = self.base.noise_scheduler
         t = torch.randint(0, sched.config.num_train_timesteps, (c.batch_size,), generator=g)
@@ -168,6 +177,38 @@ class DenoiseObjective:
         cond = self.base.text_encoder(self.token_ids(prompts))[0]
         pred_bchw = self.base.unet(noisy_bchw, t, cond).sample
         loss = F.mse_loss(pred_bchw, noise_bchw)
+        return loss, {"loss": loss.item()}
+
+
+@dataclass(frozen=True)
+class FlowSampling:
+    """Noise levels of the toy Flux's pretraining: logit-normal σ (SD3 paper, §3.1; what
+    diffusers' Flux scripts call ``weighting_scheme="logit_normal"``), unweighted MSE."""
+
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 1.0  # unused: the toy Flux has no guidance embedding
+
+
+class FlowObjective(DenoiseObjective):
+    """Rectified-flow velocity loss of the transformer and both text encoders on captioned pool
+    scenes, through the Flux family module (the same targets DreamBooth trains on)."""
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.base.transformer, "text_encoder": self.base.text_encoder,
+                "text_encoder_2": self.base.text_encoder_2}
+
+    def loss(self, step: int, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        family = self.base.kind
+        g, prompts, sample_bchw = self.draw(step, micro_step)
+        latents_bchw = family.latents(self.base, sample_bchw)
+        noise_bchw = torch.randn(latents_bchw.shape, generator=g)
+        batch = family.noisy_batch(self.base, FlowSampling(), latents_bchw, noise_bchw, g)
+        cond = family.encode(self.base, family.tokenize(self.base, prompts, latents_bchw.device))
+        pred_bchw = family.predict(self.base.transformer, batch, cond, FlowSampling())
+        loss = F.mse_loss(pred_bchw, batch.target)
         return loss, {"loss": loss.item()}
 
 
@@ -224,16 +265,22 @@ def loss_summary(history: list[dict[str, float]], points: int = 12) -> list[dict
 
 
 @torch.no_grad()
-def sample_grid(base: BaseModel, prompts: list[str], *, per_prompt: int = 6, seed: int = 0,
-                steps: int = 25, guidance_scale: float = 4.0) -> Image.Image:
-    """One row of ``per_prompt`` samples per prompt."""
+def sample_images(base: BaseModel, prompts: list[str], *, per_prompt: int = 6, seed: int = 0,
+                  steps: int = 25, guidance_scale: float = 4.0) -> dict[str, list[Image.Image]]:
+    """``per_prompt`` samples of each prompt, noise seeds ``seed + 1000 * i + j`` (prompt i, sample j)."""
     pipe = base.pipeline()
-    images = []
+    out = {}
     for i, prompt in enumerate(prompts):
         gens = [torch.Generator("cpu").manual_seed(seed + 1000 * i + j) for j in range(per_prompt)]
-        images += pipe([prompt] * per_prompt, height=32, width=32, num_inference_steps=steps,
-                       guidance_scale=guidance_scale, generator=gens).images
-    return image_grid(images, rows=len(prompts), cols=per_prompt)
+        out[prompt] = pipe([prompt] * per_prompt, height=32, width=32, num_inference_steps=steps,
+                           guidance_scale=guidance_scale, generator=gens).images
+    return out
+
+
+def sample_grid(base: BaseModel, prompts: list[str], **kw) -> Image.Image:
+    """One row of samples per prompt (:func:`sample_images`)."""
+    rows = sample_images(base, prompts, **kw)
+    return image_grid([im for row in rows.values() for im in row], rows=len(prompts), cols=len(next(iter(rows.values()))))
 
 
 def pretrain(c: PretrainConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict:
@@ -255,66 +302,103 @@ def _pretrain(c: PretrainConfig, out: Path, *, overwrite: bool, progress: bool) 
     work.mkdir(parents=True, exist_ok=True)
     plan_path = work / "plan.json"
     plan = read_json(plan_path) if plan_path.is_file() else {}
-    base = build_untrained(c.seed)
     budget_s = c.minutes * 60
+    flux = c.model == "toy-flux"
+    base = build_untrained_flux(c.seed) if flux else build_untrained(c.seed)
+    if c.init_from:
+        _load_weights(base, Path(c.init_from))
+    vae_result, vae_s = (None, 0.0) if flux else _vae_stage(base, c, work, plan, budget_s, progress)
 
-    # Stage 1: the VAE.
-    vae_obj = VaeObjective(base, c)
-    if "vae_steps" not in plan:
-        plan["vae_steps"] = c.vae_steps or max(50, int(budget_s * c.vae_fraction / time_steps(VaeObjective(copy.deepcopy(base), c))))
-        write_json(plan_path, plan)
-    base.vae.train()
-    t0 = time.perf_counter()
-    vae_result = run_loop(vae_obj, _settings(plan["vae_steps"], c.vae_learning_rate, c, "toy vae", progress),
-                          checkpoint_dir=work / "vae-checkpoints", hooks=_log_hook("vae", plan["vae_steps"]))
-    vae_s = time.perf_counter() - t0
-    base.vae.eval().requires_grad_(False)
-
-    # Stage 2: UNet + text encoder on a pool of encoded scenes.
+    # The denoiser and text encoder(s) on a pool of encoded scenes.
     t0 = time.perf_counter()
     pool = LatentPool(base, c)
-    base.vae.register_to_config(scaling_factor=latent_scaling_factor(pool))
+    set_latent_stats(base, pool, shift=flux)
     pool_s = time.perf_counter() - t0
-    den_obj = DenoiseObjective(base, c, pool)
+    objective_type = FlowObjective if flux else DenoiseObjective
     if "unet_steps" not in plan:
         left = budget_s - (time.perf_counter() - t_start)
-        per_step = time_steps(DenoiseObjective(copy.deepcopy(base), c, pool))
-        plan["unet_steps"] = c.unet_steps or max(50, int(left / per_step))
+        plan["unet_steps"] = c.unet_steps or max(50, int(left / time_steps(objective_type(copy.deepcopy(base), c, pool))))
         write_json(plan_path, plan)
-    base.unet.train()
-    base.text_encoder.train()
+    objective = objective_type(base, c, pool)
+    for m in objective.trainable_modules().values():
+        m.train()
     # Given steps are honoured; a budgeted run stops at 125% of its budget whatever the machine's load.
     deadline = None if c.unet_steps else t_start + 1.25 * budget_s
+    what = base.kind.denoiser
     t0 = time.perf_counter()
-    unet_result = run_loop(den_obj, _settings(plan["unet_steps"], c.learning_rate, c, "toy unet", progress),
-                           checkpoint_dir=work / "unet-checkpoints", hooks=_log_hook("unet", plan["unet_steps"], deadline))
+    result = run_loop(objective, _settings(plan["unet_steps"], c.learning_rate, c, f"{c.model} {what}", progress),
+                      checkpoint_dir=work / f"{what}-checkpoints", hooks=_log_hook(what, plan["unet_steps"], deadline))
     unet_s = time.perf_counter() - t0
-    for m in (base.unet, base.text_encoder):
+    for m in objective.trainable_modules().values():
         m.eval().requires_grad_(False)
-
-    record = {
-        "script": "dreamfleet toy pretrain (dreamfleet.toy.pretrain.pretrain)",
-        "command": " ".join(sys.argv),
-        "config": to_dict(c),
-        "seed": c.seed,
-        "vae_steps": plan["vae_steps"],
-        "unet_steps": unet_result.final_step,
-        "unet_steps_planned": plan["unet_steps"],
-        "wall_time_s": round(time.perf_counter() - t_start, 1),
-        "stage_time_s": {"vae": round(vae_s, 1), "pool": round(pool_s, 1), "unet": round(unet_s, 1)},
-        "resumed": {"vae": vae_result.resumed_from, "unet": unet_result.resumed_from},
-        "vae_loss": loss_summary(vae_result.history),
-        "unet_loss": loss_summary(unet_result.history),
-        "final_loss": {"vae": vae_result.final_loss, "unet": unet_result.final_loss},
-        "latent_scaling_factor": float(base.vae.config.scaling_factor),
-        "weights_hash": state_dict_hash(base.unet, base.vae, base.text_encoder),
-        "code_version": code_version(),
-        "machine": {"torch": torch.__version__, "threads": c.threads, "processor": stdlib_platform.processor(),
-                    "cpu_count": __import__("os").cpu_count()},
-    }
+    record = _record(c, base, plan, vae_result, result, t_start, {"vae": vae_s, "pool": pool_s, what: unet_s})
     with atomic_dir(out, overwrite=overwrite) as tmp:
         base.save_pretrained(tmp)
         write_json(tmp / "pretrain.json", record)
     shutil.rmtree(work, ignore_errors=True)
-    log.info("toy model written to %s (%s)", out, json.dumps({k: record[k] for k in ("vae_steps", "unet_steps", "wall_time_s")}))
+    log.info("%s written to %s (%s)", c.model, out,
+             json.dumps({k: record[k] for k in ("vae_steps", "unet_steps", "wall_time_s")}))
     return record
+
+
+def _vae_stage(base: BaseModel, c: PretrainConfig, work: Path, plan: dict, budget_s: float, progress: bool):
+    """Stage 1 of the toy UNet model: the VAE (the toy Flux reuses the result)."""
+    if "vae_steps" not in plan:
+        plan["vae_steps"] = c.vae_steps or max(50, int(budget_s * c.vae_fraction / time_steps(VaeObjective(copy.deepcopy(base), c))))
+        write_json(work / "plan.json", plan)
+    base.vae.train()
+    t0 = time.perf_counter()
+    result = run_loop(VaeObjective(base, c), _settings(plan["vae_steps"], c.vae_learning_rate, c, "toy vae", progress),
+                      checkpoint_dir=work / "vae-checkpoints", hooks=_log_hook("vae", plan["vae_steps"]))
+    base.vae.eval().requires_grad_(False)
+    return result, time.perf_counter() - t0
+
+
+def _load_weights(base: BaseModel, folder: Path) -> None:
+    """Every weight of a saved toy model of the same kind (a second stage starts from it)."""
+    from dreamfleet.core.models import load_folder
+
+    src = load_folder(folder, spec=str(folder))
+    if src.family != base.family:
+        raise ConfigError(f"init_from {folder} is a {src.family} model, not a {base.family} one")
+    for name, module in base.modules().items():
+        module.load_state_dict(src.modules()[name].state_dict())
+    base.vae.register_to_config(**{k: src.vae.config[k] for k in ("scaling_factor", "shift_factor")})
+
+
+def set_latent_stats(base: BaseModel, pool: LatentPool, *, shift: bool) -> None:
+    """Scale (and, Flux-style, shift) the VAE's latents to zero mean and unit variance."""
+    sample = pool.mean_bchw[:2048]
+    mean = float(sample.mean()) if shift else 0.0
+    base.vae.register_to_config(scaling_factor=float(1.0 / (sample - mean).std()))
+    if shift:
+        base.vae.register_to_config(shift_factor=mean)
+
+
+def _record(c: PretrainConfig, base: BaseModel, plan: dict, vae_result, result, t_start: float,
+            stage_s: dict[str, float]) -> dict:
+    """What pretrain.json says about a run."""
+    return {
+        "script": "dreamfleet toy pretrain (dreamfleet.toy.pretrain.pretrain)",
+        "command": " ".join(sys.argv),
+        "config": to_dict(c),
+        "model": c.model,
+        "seed": c.seed,
+        "vae_steps": plan.get("vae_steps", 0),
+        "vae_from": "the shipped toy model's VAE (frozen)" if vae_result is None else None,
+        "init_from": read_json(Path(c.init_from) / "pretrain.json") if c.init_from else None,
+        "unet_steps": result.final_step,
+        "unet_steps_planned": plan["unet_steps"],
+        "wall_time_s": round(time.perf_counter() - t_start, 1),
+        "stage_time_s": {k: round(v, 1) for k, v in stage_s.items()},
+        "resumed": {"vae": vae_result.resumed_from if vae_result else None, "denoiser": result.resumed_from},
+        "vae_loss": loss_summary(vae_result.history) if vae_result else [],
+        "unet_loss": loss_summary(result.history),
+        "final_loss": {"vae": vae_result.final_loss if vae_result else None, "denoiser": result.final_loss},
+        "latent_scaling_factor": float(base.vae.config.scaling_factor),
+        "latent_shift_factor": base.vae.config.shift_factor,
+        "weights_hash": state_dict_hash(*base.modules().values()),
+        "code_version": code_version(),
+        "machine": {"torch": torch.__version__, "threads": c.threads, "processor": stdlib_platform.processor(),
+                    "cpu_count": __import__("os").cpu_count()},
+    }

@@ -130,10 +130,13 @@ class Family:
         if unknown:
             raise ModelError(f"{self.title} pipelines have no component {sorted(unknown)}")
         parts.update({k: v for k, v in replace.items() if v is not None})
-        pipe = diffusers_class(self.pipeline_class)(scheduler=self.inference_scheduler(base), **parts,
-                                                     **self.pipeline_extras())
+        pipe = self.pipeline_type()(scheduler=self.inference_scheduler(base), **parts, **self.pipeline_extras())
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def pipeline_type(self) -> type:
+        """The pipeline class :meth:`pipeline` builds (the stock one unless the family adapts it)."""
+        return diffusers_class(self.pipeline_class)
 
     def pipeline_extras(self) -> dict[str, Any]:
         return {}

@@ -4,6 +4,8 @@ diffusers' train_dreambooth_lora_flux.py."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dreamfleet.core.families.base import Cond, FlowFamily, NoisyBatch, Support
@@ -13,15 +15,49 @@ TRANSFORMER_TARGETS = (
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
 )
-CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512  # FluxPipeline's default max_sequence_length
+
+
+@functools.cache
+def guided_flux_pipeline() -> type:
+    """diffusers' FluxPipeline with two defaults taken from the model instead of the call site:
+
+    - the T5 length is the tokenizer's ``model_max_length`` when it is under 512, so that a
+      model trained on short prompts (the toy Flux: 32 tokens) samples as it was trained;
+    - a model trained with caption dropout instead of guidance distillation (``true_cfg``; its
+      transformer has no guidance embedding) gets classifier-free guidance from
+      ``guidance_scale``, with the empty prompt as the negative one (diffusers' ``true_cfg_scale``).
+
+    The subclass keeps the name, so a saved folder still says ``FluxPipeline``.
+    """
+    from diffusers import FluxPipeline as Stock
+
+    class FluxPipeline(Stock):
+        true_cfg = False
+
+        def __call__(self, prompt=None, *args, **kw):
+            kw.setdefault("max_sequence_length", min(T5_MAX_LENGTH, int(self.tokenizer_2.model_max_length)))
+            guided = self.true_cfg and kw.get("guidance_scale", 3.5) > 1 and kw.get("negative_prompt") is None
+            if guided and "true_cfg_scale" not in kw and kw.get("prompt_embeds") is None:
+                n = 1 if isinstance(prompt, str) else len(prompt)
+                kw.update(true_cfg_scale=kw.get("guidance_scale", 3.5), negative_prompt=[""] * n)
+            return super().__call__(prompt, *args, **kw)
+
+    return FluxPipeline
 
 
 class Flux(FlowFamily):
     def max_length(self, base, encoder: str) -> int:
-        if encoder == "text_encoder":
-            return CLIP_MAX_LENGTH
-        return T5_MAX_LENGTH
+        limit = int(self.tokenizer(base, encoder).model_max_length)
+        return limit if encoder == "text_encoder" else min(T5_MAX_LENGTH, limit)
+
+    def pipeline_type(self) -> type:
+        return guided_flux_pipeline()
+
+    def pipeline(self, base, **replace):
+        pipe = super().pipeline(base, **replace)
+        pipe.true_cfg = bool(base.extra.get("true_cfg"))
+        return pipe
 
     def encode(self, base, ids: dict[str, torch.Tensor]) -> Cond:
         pooled = base.text_encoder(ids["text_encoder"], output_hidden_states=False).pooler_output

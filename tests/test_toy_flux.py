@@ -62,6 +62,13 @@ def test_its_pipeline_is_stock_flux_with_true_guidance():
     b = stock(["a red ball", "a blue cup"], true_cfg_scale=4.0, negative_prompt=["", ""], max_sequence_length=32,
               generator=torch.Generator().manual_seed(0), **kw).images
     np.testing.assert_array_equal(a, b)
+    negative = ["a blue box", "a red kite"]  # a caller's own negative prompt is guided against, at guidance_scale
+    c = ours(["a red ball", "a blue cup"], guidance_scale=4.0, negative_prompt=negative,
+             generator=torch.Generator().manual_seed(0), **kw).images
+    d = stock(["a red ball", "a blue cup"], true_cfg_scale=4.0, negative_prompt=negative, max_sequence_length=32,
+              generator=torch.Generator().manual_seed(0), **kw).images
+    np.testing.assert_array_equal(c, d)
+    assert np.abs(c - a).max() > 0.05
     unguided = ours(["a red ball", "a blue cup"], guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw)
     assert np.abs(unguided.images - a).max() > 0.05  # guidance changes the images
 

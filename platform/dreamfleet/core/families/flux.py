@@ -37,10 +37,11 @@ def guided_flux_pipeline() -> type:
 
         def __call__(self, prompt=None, *args, **kw):
             kw.setdefault("max_sequence_length", min(T5_MAX_LENGTH, int(self.tokenizer_2.model_max_length)))
-            guided = self.true_cfg and kw.get("guidance_scale", 3.5) > 1 and kw.get("negative_prompt") is None
-            if guided and "true_cfg_scale" not in kw and kw.get("prompt_embeds") is None:
-                n = 1 if isinstance(prompt, str) else len(prompt)
-                kw.update(true_cfg_scale=kw.get("guidance_scale", 3.5), negative_prompt=[""] * n)
+            scale = kw.get("guidance_scale", 3.5)
+            if self.true_cfg and scale > 1 and "true_cfg_scale" not in kw and kw.get("prompt_embeds") is None:
+                kw["true_cfg_scale"] = scale
+                if kw.get("negative_prompt") is None:
+                    kw["negative_prompt"] = [""] * (1 if isinstance(prompt, str) else len(prompt))
             return super().__call__(prompt, *args, **kw)
 
     return FluxPipeline

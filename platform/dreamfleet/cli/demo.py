@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="DreamBooth steps (default: the microbench recipe's)")
     p.add_argument("--class-images", type=int,
                    help="class images for prior preservation (default: the microbench recipe's 50)")
+    p.add_argument("--prior-loss-weight", type=float,
+                   help="λ of the prior-preservation loss (default: the recipe's 1; on toy-flux 0.3 learns the subject "
+                        "far better, docs/microbench.md)")
     p.add_argument("--eval-images", type=int, default=4,
                    help="images per evaluation prompt (default 4, as DreamBench; fewer is quicker and noisier)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded Ray (one subject trains per CPU)")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     ids = _write_manifest(args, out / "manifest")
     print(f"subjects: {', '.join(ids)} (manifest {out / 'manifest'})")
     shutil.rmtree(out / "registry", ignore_errors=True)  # a fresh run every time
-    overrides = {"steps": args.steps, "num_class_images": args.class_images}
+    overrides = {"steps": args.steps, "num_class_images": args.class_images, "prior_loss_weight": args.prior_loss_weight}
     train_cfg = microbench_train_config(args.base_model, **{k: v for k, v in overrides.items() if v is not None})
     eval_cfg = EvalConfig(images_per_prompt=args.eval_images)
     fan = FanoutConfig(max_concurrent=max(1, min(args.num_cpus, len(ids))), cpus_per_worker=1,
@@ -186,7 +189,7 @@ def _results_md(out: Path, results: list[dict], train_cfg, eval_images: int, wal
 
 The toy base model before and after DreamBooth: {how},
 {train_cfg.steps} steps at learning rate {train_cfg.learning_rate:g}, prior preservation with
-{train_cfg.num_class_images} class images (the recipe of `docs/microbench.md`); one expert per
+{train_cfg.num_class_images} class images at λ {train_cfg.prior_loss_weight:g} (the recipe of `docs/microbench.md`); one expert per
 subject, trained through the fan-out on an embedded local Ray. {wall_s:.0f} s in all.
 
 {chr(10).join(lines)}

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,10 +18,9 @@ from dreamfleet.cli.main import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dreamfleet.cli.main", *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
+def cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dreamfleet.cli.main", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
 def test_help_lists_commands():
@@ -113,13 +115,16 @@ def test_bad_manifest_override_is_refused_before_ray_starts(tmp_path):
     (src / "classes.csv").write_text("subject_id,class_noun,learning_rate\ngood,dog,\nbad,dog,-1\n")
     r = cli("manifest", "build", "--from-folders", str(src), "--out", str(tmp_path / "man"), "--min-side", "32")
     assert r.returncode == 0, r.stderr
-    sessions = set(Path("/tmp/ray").glob("session_2*")) if Path("/tmp/ray").is_dir() else set()
-    r = cli("train", str(tmp_path / "man"), "--out", str(tmp_path / "reg"), "--steps", "2")
+    # Ray's own temp folder for this command (RAY_TMPDIR): another test process may start Ray meanwhile
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt"))
+    r = cli("train", str(tmp_path / "man"), "--out", str(tmp_path / "reg"), "--steps", "2",
+            env={"RAY_TMPDIR": str(ray_tmp)})
     assert r.returncode == 2, r.stderr
     assert "subject 'bad'" in r.stderr and "learning_rate" in r.stderr and "-1" in r.stderr, r.stderr
     assert "'good'" not in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "reg" / "runs").exists() and not list((tmp_path / "reg").glob("subjects/*"))
-    assert (set(Path("/tmp/ray").glob("session_2*")) if Path("/tmp/ray").is_dir() else set()) == sessions
+    assert not list(ray_tmp.glob("ray/session_*")), "a Ray session was started"
+    shutil.rmtree(ray_tmp)
 
 
 def test_demo_runs_end_to_end(tmp_path):

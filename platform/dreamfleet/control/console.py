@@ -30,7 +30,8 @@ class RunConsole:
         self.every_s = every_s
         self.t0 = time.monotonic()
         self.seen: dict[str, tuple[float, int]] = {}  # subject -> (when first seen training, its step then)
-        self._drawn, self._last_line, self._last_t = 0, "", 0.0
+        self._drawn, self._last_line = 0, ""
+        self._last_t = float("-inf")  # the first line is always due (monotonic() can be < every_s after boot)
 
     def update(self, progress: dict[str, Any], *, final: bool = False) -> None:
         """Show the queue's ``progress()``: its counts, and its ``leased`` subjects' rows."""

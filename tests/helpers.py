@@ -298,3 +298,20 @@ def perturbed(src: Path, dest: Path, sid: str, seed: int) -> Path:
     info.update(subject_id=sid)
     (dest / "expert.json").write_text(json.dumps(info))
     return dest
+
+
+SHIPPED_MAX_BYTES = 20 * 2**20  # a shipped toy base model stays under 20 MB (issues 7 and 21)
+
+
+def shipped_base_record(folder: Path) -> dict:
+    """A base model folder shipped in the repository: at most 20 MB, weights only as
+    safetensors, with its pretraining record (``pretrain.json``), which is returned."""
+    from dreamfleet.core.artifacts import read_json
+
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= SHIPPED_MAX_BYTES
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    record = read_json(folder / "pretrain.json")
+    assert record["unet_loss"][-1]["loss"] < record["unet_loss"][0]["loss"]
+    return record

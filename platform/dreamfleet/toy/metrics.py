@@ -55,10 +55,15 @@ def subject_similarity(judge: ToyJudge, generated, real) -> float:
 
 
 def prompt_fidelity(judge: ToyJudge, images, prompt: str) -> float:
+    _, probs = judge.predict(images)
+    return _prompt_fidelity(probs, prompt)
+
+
+def _prompt_fidelity(probs: dict[str, torch.Tensor], prompt: str) -> float:
+    """The judge's mean probability of the prompted class and (where named) context."""
     content = parse_prompt(prompt)
     if content.cls is None:
         raise ValueError(f"prompt {prompt!r} names no toy class ({', '.join(CLASSES)})")
-    _, probs = judge.predict(images)
     scores = [probs["cls"][:, CLASSES.index(content.cls)]]
     if content.context is not None:
         scores.append(probs["context"][:, CONTEXTS.index(content.context)])
@@ -81,7 +86,7 @@ def prompt_following(judge: ToyJudge, images_by_prompt: dict[str, list]) -> dict
             if index is not None:
                 sums.setdefault(f"p_{head}", []).append(float(probs[head][:, index].mean()))
                 sums.setdefault(f"{head}_accuracy", []).append(float((probs[head].argmax(-1) == index).float().mean()))
-        sums.setdefault("prompt_fidelity", []).append(prompt_fidelity(judge, images, prompt))
+        sums.setdefault("prompt_fidelity", []).append(_prompt_fidelity(probs, prompt))
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 

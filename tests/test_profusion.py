@@ -476,3 +476,23 @@ def test_a_clip_vision_folder_as_the_image_encoder(manifest, tmp_path):
     assert pipe("a [S*] ball", num_inference_steps=2).images[0].size == (32, 32)
     with pytest.raises(ConfigError, match="not a CLIPVisionModel folder"):
         load_image_encoder(str(tmp_path / "missing"), load_base("tiny-random"))
+
+
+def test_compare_takes_the_customisation_recipe_from_flags(monkeypatch, tmp_path):
+    """`dreamfleet profusion compare --customize-steps/--customize-lr/--qkv-rank`: the faster
+    recipe of docs/profusion.md is one command."""
+    from dreamfleet.cli.main import main
+    from dreamfleet.eval import profusion_bench
+
+    seen = {}
+
+    def fake_bench(out, c):
+        seen["c"] = c
+        return {"wall_s": 0.0, "targets": {}}
+
+    monkeypatch.setattr(profusion_bench, "run_profusion_bench", fake_bench)
+    assert main(["profusion", "compare", "--out", str(tmp_path), "--subjects", "ball-halves", "--customize-steps",
+                 "80", "--customize-lr", "2.5e-3", "--qkv-rank", "32"]) == 0
+    c = seen["c"]
+    assert (c.customize_steps, c.customize_lr, c.qkv_rank, c.subjects) == (80, 2.5e-3, 32, ["ball-halves"])
+    assert profusion_bench.ProFusionBenchConfig().qkv_rank == 8  # the defaults stay the quality recipe

@@ -11,6 +11,11 @@ from pathlib import Path
 
 from dreamfleet.core import config as C
 
+# ProFusionBenchConfig fields that `compare` takes as flags of the same name (--customize-lr, ...)
+COMPARE_FIELDS = (("train_subjects", int), ("pretrain_steps", int), ("customize_steps", int), ("customize_lr", float),
+                  ("qkv_rank", int), ("views", int), ("images_per_prompt", int), ("num_inference_steps", int),
+                  ("s_star_l2", float))
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     ap = sub.add_parser("profusion", help="ProFusion: pre-train PromptNet (customise with train-subject --method profusion)")
@@ -40,9 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, type=Path)
     q.add_argument("--subjects", help="comma-separated held-out toy subjects (default: all eight)")
     q.add_argument("--apprentice", help="an apprentice folder for the zero-shot row")
-    for name, kind in (("train_subjects", int), ("pretrain_steps", int), ("customize_steps", int),
-                       ("customize_lr", float), ("qkv_rank", int), ("views", int),
-                       ("images_per_prompt", int), ("num_inference_steps", int), ("s_star_l2", float)):
+    for name, kind in COMPARE_FIELDS:
         q.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default: the bench's {name})")
     q.add_argument("--dreambooth-steps", type=int, help="DreamBooth steps (default: the microbench recipe's 1200)")
     q.set_defaults(handler=run_compare)
@@ -60,8 +63,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     from dreamfleet.eval.profusion_bench import ProFusionBenchConfig, run_profusion_bench
 
-    fields = ("train_subjects", "pretrain_steps", "customize_steps", "customize_lr", "qkv_rank", "views",
-              "images_per_prompt", "num_inference_steps", "s_star_l2", "apprentice")
+    fields = [name for name, _ in COMPARE_FIELDS] + ["apprentice"]
     c = ProFusionBenchConfig(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
     if args.subjects:
         c.subjects = args.subjects.split(",")

@@ -172,3 +172,32 @@ def test_cluster_yamls_parse_and_name_the_entrypoint():
     assert "s3://" in job["spec"]["entrypoint"]
     up = docs["ray-up.yaml"][0]
     assert up["cluster_name"] and "dreamfleet" in " ".join(up.get("setup_commands", []))
+
+
+class _HeadStartingUp:
+    """The Job API of a head whose dashboard agent has not registered yet (the error Ray's SDK
+    raises, seen on a fresh head in CI), for ``refusals`` submissions; then it takes the job."""
+
+    def __init__(self, refusals: int, error: str = "No available agent to submit job, please try again later."):
+        self.refusals, self.error, self.calls = refusals, error, []
+
+    def submit_job(self, **job):
+        self.calls.append(job)
+        if len(self.calls) <= self.refusals:
+            raise RuntimeError(f"Request failed with status code 500: {self.error}.")
+        return job["submission_id"]
+
+
+def test_submit_waits_for_a_head_whose_job_agent_is_not_up_yet(monkeypatch, capsys):
+    from dreamfleet.cli.fleet import submit_when_agent_is_up
+    from dreamfleet.core.errors import DreamfleetError
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    head = _HeadStartingUp(refusals=2)
+    assert submit_when_agent_is_up(head, 60, entrypoint="x", submission_id="j1") == "j1"
+    assert [c["submission_id"] for c in head.calls] == ["j1"] * 3  # the same id each time
+    assert "job agent is not up yet" in capsys.readouterr().err
+    with pytest.raises(DreamfleetError, match=r"no job agent ready after 0 s.*--agent-wait"):
+        submit_when_agent_is_up(_HeadStartingUp(refusals=1), 0, entrypoint="x", submission_id="j2")
+    with pytest.raises(RuntimeError, match="Unauthorized"):  # any other refusal is not retried
+        submit_when_agent_is_up(_HeadStartingUp(refusals=1, error="Unauthorized"), 60, entrypoint="x", submission_id="j3")

@@ -186,6 +186,8 @@ def register_jobs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--working-dir", help="ship this folder to the cluster as the job's working_dir")
     p.add_argument("--pip", help="comma-separated extra pip requirements for the job's runtime env")
     p.add_argument("--job-id", help="submission id (default: dreamfleet-<time>-<random>)")
+    p.add_argument("--agent-wait", type=float, default=120.0, metavar="SECONDS",
+                   help="how long to keep retrying while a just-started head has no job agent yet (default 120)")
     p.set_defaults(handler=run_submit)
 
     s = sub.add_parser("status", help="a submitted run: job status and per-subject progress")
@@ -228,12 +230,35 @@ def run_submit(args: argparse.Namespace, passthrough: list[str] | None = None) -
     if args.pip:
         runtime_env["pip"] = [p.strip() for p in args.pip.split(",") if p.strip()]
     client = _client(args.address)
-    submitted = client.submit_job(
-        entrypoint=shlex.join(cmd), submission_id=job_id, runtime_env=runtime_env,
+    submitted = submit_when_agent_is_up(
+        client, args.agent_wait, entrypoint=shlex.join(cmd), submission_id=job_id, runtime_env=runtime_env,
         metadata={"dreamfleet_registry": args.out, "dreamfleet_manifest": args.manifest},
     )
     print(submitted)
     return 0
+
+
+def submit_when_agent_is_up(client, wait_s: float, **job) -> str:
+    """``client.submit_job(**job)``, retried while the head answers that no agent can take the
+    job yet: a head that has just started (or a KubeRay head pod that just turned ready) serves
+    the Job API a few seconds before its dashboard agent registers. Nothing was created by a
+    refused attempt, so submitting again under the same id is safe."""
+    import time
+
+    from dreamfleet.core.errors import DreamfleetError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            if time.monotonic() >= deadline:
+                raise DreamfleetError(f"the Ray head has no job agent ready after {wait_s:g} s ({e}); "
+                                      "check the head's dashboard agent, or raise --agent-wait") from None
+            print("the head's job agent is not up yet; retrying", file=sys.stderr)
+            time.sleep(2)
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -379,7 +379,7 @@ def test_bounded_load_20_experts_16_clients(server, requests):
     names = [f"load{i:02d}" for i in range(20)]
     for i, sid in enumerate(names):
         src = server["experts"]["alpha" if i % 2 else "beta"]
-        reg.publish(sid, clone_expert(src, server["tmp"] / "load" / sid, sid, None))
+        reg.publish(sid, clone_expert(src, server["tmp"] / f"load-{requests}" / sid, sid, None))
     time.sleep(0.6)
     statuses: list[int] = []
     lock = threading.Lock()

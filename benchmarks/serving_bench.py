@@ -57,7 +57,7 @@ def main() -> None:
     from dreamfleet.core.expert import ExpertInfo
     from dreamfleet.core.models import load_base
     from dreamfleet.registry import Registry
-    from dreamfleet.serving.app import build_app
+    from dreamfleet.serving.app import build_app, start_serve
     from dreamfleet.serving.config import ServeConfig
     from dreamfleet.serving.engine import ExpertEngine, GenItem
     from dreamfleet.trainers.class_images import ClassImageCache
@@ -117,7 +117,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = ServeConfig(registry=str(reg.uri), port=port, max_models_per_replica=8)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve("127.0.0.1", port)
     serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}/v1/generate"
     client = httpx.Client(timeout=300)

@@ -39,17 +39,17 @@ def med_ms(xs: list[float]) -> dict[str, float]:
             "max_ms": round(max(xs) * 1000, 1), "n": len(xs)}
 
 
-def start_serve(reg_uri: str, **cfg_kw) -> str:
+def serve_registry(reg_uri: str, **cfg_kw) -> str:
     from helpers import free_port, wait_healthy
     from ray import serve
 
     from dreamfleet.control.cluster import connect_ray
-    from dreamfleet.serving.app import build_app
+    from dreamfleet.serving.app import build_app, start_serve
     from dreamfleet.serving.config import ServeConfig
 
     connect_ray(None, num_cpus=os.cpu_count())
     cfg = ServeConfig(registry=reg_uri, port=free_port(), rate_limit_per_min=1e6, rate_limit_burst=10_000, **cfg_kw)
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+    start_serve("127.0.0.1", cfg.port)
     serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{cfg.port}"
     wait_healthy(url, 600)
@@ -130,7 +130,7 @@ def throughput(args) -> dict:
     for i, sid in enumerate(names):
         reg.publish(sid, perturbed(src, root / "x" / sid, sid, i))
     engine = engine_passes(reg, names, args.steps, args.side, args.repeats)
-    url = start_serve(str(reg.uri), max_models_per_replica=args.lru, max_batch_size=8)
+    url = serve_registry(str(reg.uri), max_models_per_replica=args.lru, max_batch_size=8)
     for sid in names[:3]:  # the replica's imports and first loads
         httpx.post(url + "/v1/generate", json={"subject": sid, "prompt": "a [V]", "steps": 1}, timeout=600)
     one = http_throughput(url, names[:1], args.requests, args.clients, args.steps, args.side)
@@ -164,7 +164,7 @@ def overhead(args) -> dict:
     bare = StableDiffusionPipeline.from_pretrained(folder)
     bare.scheduler = engine.base(str(folder)).pipeline().scheduler  # the sampler serving uses
     bare.load_lora_weights(str(src))
-    url = start_serve(str(reg.uri), min_side_fraction=0.125, max_batch_size=1)
+    url = serve_registry(str(reg.uri), min_side_fraction=0.125, max_batch_size=1)
     out = {}
     for side in args.sides:
         body = {"subject": "e00", "prompt": prompt, "steps": args.steps, "seed": 1, "width": side, "height": side}

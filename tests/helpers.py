@@ -75,6 +75,7 @@ def wait_healthy(url: str, timeout_s: float = 120) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(1)
+    raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s")
 
 
 def free_port() -> int:

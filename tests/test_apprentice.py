@@ -207,7 +207,7 @@ def test_cli_generate_from_demonstrations(apprentice_dir, tmp_path):
 def server(ray_local, apprentice_dir, tmp_path_factory):
     from ray import serve
 
-    from dreamfleet.serving.app import build_app
+    from dreamfleet.serving.app import build_app, start_serve
     from dreamfleet.serving.auth import KeyStore
     from dreamfleet.serving.config import ServeConfig
 
@@ -220,12 +220,14 @@ def server(ray_local, apprentice_dir, tmp_path_factory):
     token = KeyStore(tmp / "reg" / "serving" / "keys.json").create("acme")[1]
     cfg = ServeConfig(registry=str(tmp / "reg"), port=free_port(), apprentice=str(apprentice_dir), min_side=32,
                       max_demo_bytes=20_000, max_demo_side=256)
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
-    serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{cfg.port}"
-    wait_healthy(url, 120)
-    yield {"url": url, "token": token}
-    serve.shutdown()
+    try:  # a fixture that fails half-way must not leave its Serve to the next module
+        start_serve("127.0.0.1", cfg.port)
+        serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{cfg.port}"
+        wait_healthy(url, 120)
+        yield {"url": url, "token": token}
+    finally:
+        serve.shutdown()
 
 
 def _post(server, body, token=None):

@@ -141,6 +141,14 @@ def test_rayservice_applications_build_serve_configs(tmp_path, monkeypatch):
         serve_cli.serve_config({"registry": str(tmp_path / "reg"), "replicaz": 2})
 
 
+def test_rayservice_head_sets_the_serve_proxy_timeouts_dreamfleet_serve_sets():
+    from dreamfleet.serving.app import PROXY_TIMEOUTS
+
+    doc = yaml.safe_load((REPO / "cluster" / "rayservice.yaml").read_text())
+    head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e["value"] for e in head["env"]}.items() >= PROXY_TIMEOUTS.items()
+
+
 def test_ray_up_config_matches_the_cluster_launcher_schema():
     import ray.autoscaler
 

@@ -297,7 +297,7 @@ def test_a_real_run_and_serving_in_chromium(ray_local, manifest, tmp_path, brows
 
     from dreamfleet.control.orchestrator import FanoutConfig, run_fanout
     from dreamfleet.dashboard.server import dashboard_for_serve
-    from dreamfleet.serving.app import build_app
+    from dreamfleet.serving.app import build_app, start_serve
     from dreamfleet.serving.config import ServeConfig
 
     reg_uri = str(tmp_path / "reg")
@@ -372,7 +372,7 @@ def test_a_real_run_and_serving_in_chromium(ray_local, manifest, tmp_path, brows
         # serving: the serving app with the dashboard deployed beside it at /dashboard
         port = free_port()
         scfg = ServeConfig(registry=reg_uri, port=port)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve("127.0.0.1", port)
         serve.run(build_app(scfg), name="dreamfleet", route_prefix="/", blocking=False)
         # the two lines `dreamfleet serve` runs to mount the dashboard
         serve.run(dashboard_for_serve(scfg), name="dashboard", route_prefix="/dashboard", blocking=False)

@@ -70,7 +70,7 @@ def promptnet(tmp: Path) -> Path:
 def server(tmp_path_factory):
     from ray import serve
 
-    from dreamfleet.serving.app import build_app
+    from dreamfleet.serving.app import build_app, start_serve
 
     tmp = tmp_path_factory.mktemp("serving")
     reg = Registry(tmp / "reg")
@@ -88,14 +88,16 @@ def server(tmp_path_factory):
     cfg = ServeConfig(registry=str(tmp / "reg"), port=free_port(), max_models_per_replica=4, host_cache_size=8,
                       max_body_bytes=1_000_000, registry_ttl_s=0.5, promptnet=str(promptnet(tmp)),
                       profusion_steps=3, profusion_views=2, profusion_batch_size=2, max_profusion_jobs=1)
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
-    from dreamfleet.control.profusion_jobs import jobs_deployment
+    try:  # a fixture that fails half-way must not leave its Serve to the next module
+        start_serve("127.0.0.1", cfg.port)
+        from dreamfleet.control.profusion_jobs import jobs_deployment
 
-    serve.run(build_app(cfg, jobs=jobs_deployment(cfg)), name="dreamfleet", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{cfg.port}"
-    wait_healthy(url, 120)
-    yield {"url": url, "tokens": tokens, "reg": reg, "tmp": tmp, "experts": experts, "cfg": cfg}
-    serve.shutdown()
+        serve.run(build_app(cfg, jobs=jobs_deployment(cfg)), name="dreamfleet", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{cfg.port}"
+        wait_healthy(url, 120)
+        yield {"url": url, "tokens": tokens, "reg": reg, "tmp": tmp, "experts": experts, "cfg": cfg}
+    finally:
+        serve.shutdown()
 
 
 def auth(token: str) -> dict[str, str]:
@@ -133,6 +135,33 @@ def test_health_subjects_and_tenant_isolation(server):
     assert other.json()["detail"][0]["loc"] == missing.json()["detail"][0]["loc"] == ["body", "subject"]
     no_key = httpx.post(server["url"] + "/v1/generate", json={"subject": "alpha", "prompt": "x", **GEN})
     assert no_key.status_code == 401
+
+
+def test_the_serve_controller_runs_with_dreamfleets_proxy_timeouts(server):
+    """Ray's 5-s proxy readiness check killed proxies on a busy 2-core CI machine (serve.start
+    raised ActorDiedError); start_serve gives this Ray's controller longer ones."""
+    import os
+
+    import ray
+
+    from dreamfleet.serving.app import PROXY_TIMEOUTS
+
+    raylet = ray.get(ray.remote(num_cpus=0)(lambda: os.environ["RAY_RAYLET_PID"]).remote())
+    envs = [process_env(p) for p in Path("/proc").iterdir() if p.name.isdigit() and b"ServeController" in _read(p / "cmdline")]
+    ours = [e for e in envs if e.get("RAY_RAYLET_PID") == raylet]
+    assert len(ours) == 1 and ours[0].items() >= PROXY_TIMEOUTS.items(), ours
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # a process that ended while we looked
+        return b""
+
+
+def process_env(proc: Path) -> dict[str, str]:
+    pairs = (kv.split(b"=", 1) for kv in _read(proc / "environ").split(b"\0") if b"=" in kv)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
 def test_routing_under_interleaving_has_no_adapter_bleed(server):

@@ -47,7 +47,7 @@ def decode(b64: str) -> np.ndarray:
 def fleet(tmp_path_factory):
     from ray import serve
 
-    from dreamfleet.serving.app import build_app
+    from dreamfleet.serving.app import build_app, start_serve
     from dreamfleet.serving.engine import ExpertEngine, GenItem
 
     tmp = tmp_path_factory.mktemp("load")
@@ -72,13 +72,15 @@ def fleet(tmp_path_factory):
                       # while a killed replica restarts wait > 60 s when the 2 cores are shared with
                       # another test process, and must still end 200 or 503 here
                       request_timeout_s=240)
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
-    serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{cfg.port}"
-    wait_healthy(url, 120)
-    yield {"url": url, "reg": reg, "names": names, "solo": solo, "refs": {s: solo(s) for s in names},
-           "src": src, "tmp": tmp}
-    serve.shutdown()
+    try:  # a fixture that fails half-way must not leave its Serve to the next module
+        start_serve("127.0.0.1", cfg.port)
+        serve.run(build_app(cfg), name="dreamfleet", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{cfg.port}"
+        wait_healthy(url, 120)
+        yield {"url": url, "reg": reg, "names": names, "solo": solo, "refs": {s: solo(s) for s in names},
+               "src": src, "tmp": tmp}
+    finally:
+        serve.shutdown()
 
 
 def generate(fleet, sid: str, timeout: float = 60) -> httpx.Response:

@@ -167,13 +167,13 @@ def start(cfg, *, address: str | None = None, detach: bool = True):
     from ray import serve
 
     from dreamfleet.control.cluster import connect_ray
-    from dreamfleet.serving.app import build_app
+    from dreamfleet.serving.app import build_app, start_serve
 
     if not ray.is_initialized():
         if address is None:  # an embedded Ray starts its own HTTP proxy here
             check_port_free(cfg.host, cfg.port)
         connect_ray(address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    start_serve(cfg.host, cfg.port)
     from dreamfleet.control.profusion_jobs import jobs_deployment
 
     serve.run(build_app(cfg, jobs=jobs_deployment(cfg)), name="dreamfleet", route_prefix="/", blocking=False)

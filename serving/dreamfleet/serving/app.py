@@ -19,6 +19,8 @@ bodies in :mod:`dreamfleet.serving.schemas`; this module only puts them together
 
 # No `from __future__ import annotations` here: FastAPI must see the request models, which
 # are built at run time from the config, as real classes, not as strings.
+import os
+
 from dreamfleet.core.config import to_dict
 from dreamfleet.serving.config import ServeConfig
 
@@ -32,6 +34,23 @@ ERRORS = {  # what the generation routes document besides 200 and 422 (FastAPI a
                          "(Retry-After, when retrying helps)"},
     504: {"description": "the request ran past its deadline (X-Request-Timeout, or the server's default)"},
 }
+
+# Ray Serve 2.60's controller kills an HTTP proxy that has not answered its readiness check
+# within 5 s (10 s, 15 s... after each restart) or its health check within 10 s. On a busy node
+# (two cores shared with training) a proxy's first start can take longer, and serve.start()
+# then fails with ActorDiedError ("killed by ray.kill") although the controller would have
+# restarted the proxy. dreamfleet starts the controller with these instead; an operator's own
+# RAY_SERVE_* variables win.
+PROXY_TIMEOUTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def start_serve(host: str, port: int) -> None:
+    """``serve.start`` with the HTTP proxy on ``host:port`` and the proxy timeouts above
+    (they apply only when this call creates the Serve controller)."""
+    from ray import serve
+
+    env = {k: os.environ.get(k, v) for k, v in PROXY_TIMEOUTS.items()}
+    serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": env}})
 
 
 def _too_large(size: int, limit: int):

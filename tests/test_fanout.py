@@ -47,6 +47,8 @@ def class_cache(tmp_path_factory) -> str:
     return prefilled_class_cache(tmp_path_factory.mktemp("class-images"), cfg())
 
 
+@pytest.mark.slow  # ~130 s alone; the ZeRO-3 test below runs the same fan-out (two workers each, a broken
+# subject, a driver restart) in `make test`
 def test_zero2_two_workers_each_and_a_broken_subject_fails_alone(manifest, tmp_path):
     reg_uri = str(tmp_path / "reg")
     summary = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=8),
@@ -72,14 +74,36 @@ def test_zero2_two_workers_each_and_a_broken_subject_fails_alone(manifest, tmp_p
     assert reg.versions("dog1") == ["v0001"]
 
 
-def test_zero3_expert_loads_into_plain_diffusers(manifest, tmp_path, class_cache):
+def test_zero3_two_workers_each_a_broken_subject_fails_alone_and_the_expert_loads_into_plain_diffusers(
+        manifest, tmp_path):
+    """Full fine-tuning under DeepSpeed ZeRO-3 on worker groups of two: the broken subject fails
+    alone (not retried), the class images are generated once per class, a driver restart skips
+    what finished, and the published UNet is consolidated (not ZeRO-3 shards) and renders in
+    stock diffusers."""
     reg_uri = str(tmp_path / "reg")
-    summary = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=4, method="full"),
-                         FanoutConfig(workers_per_subject=2, zero_stage=3, class_cache=class_cache), subjects=["dog1"],
-                         progress=False)
-    assert summary.class_images_generated == 0  # all found in the cache
-    assert summary.done == ["dog1"]
-    expert = Registry(reg_uri).fetch("dog1")
+    train, fan = cfg(steps=4, method="full"), FanoutConfig(workers_per_subject=2, zero_stage=3)
+    summary = run_fanout(manifest, reg_uri, "tiny-random", train, fan, progress=False)
+    assert sorted(summary.done) == ["cat1", "dog1", "dog2"]
+    assert list(summary.failed) == ["broken"] and "hash" in summary.failed["broken"]
+    reg = Registry(reg_uri)
+    st = reg.get_state("broken")
+    assert st.state == "failed" and st.attempts == 1  # data errors are not retried
+    for sid in summary.done:
+        info = reg.expert_info(sid)
+        assert info.train_stats["world_size"] == 2 and info.train_stats["zero_stage"] == 3
+        assert reg.get_state(sid).state == "done" and reg.latest(sid) == "v0001"
+    assert summary.class_images_generated == 8  # 4 dog + 4 cat, once per class
+    run = reg.run(summary.run_id)
+    assert run["state"] == "finished" and run["failed"] == {"broken": summary.failed["broken"]}
+
+    # A driver restart (the same command again) skips the finished subjects.
+    again = run_fanout(manifest, reg_uri, "tiny-random", train, fan, subjects=["dog1", "cat1"], progress=False)
+    assert sorted(again.skipped) == ["cat1", "dog1"] and again.done == []
+    assert reg.versions("dog1") == ["v0001"]
+    assert_renders_in_plain_diffusers(reg.fetch("dog1"), tmp_path)
+
+
+def assert_renders_in_plain_diffusers(expert: Path, tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from dreamfleet.core.models import load_base

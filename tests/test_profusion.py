@@ -320,33 +320,29 @@ def test_pretraining_resumes_where_it_stopped(manifest, promptnet, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_pretrain_then_train_subject_method_profusion(manifest, tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_pretrain_then_train_subject_method_profusion(manifest, tmp_path, capsys):
+    """The two commands through the CLI's main, in this process (test_cli.py checks a real
+    process's exit status; two more interpreters here cost ~40 s)."""
     from helpers import subject_folder
 
+    from dreamfleet.cli.main import main
     from dreamfleet.core.expert import ExpertInfo
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "dreamfleet.cli.main", *args], capture_output=True, text=True,
-                              timeout=600)
-
-    r = cli("profusion", "pretrain", manifest, "--out", str(tmp_path / "pn"), "--base-model", "tiny-random",
-            "--steps", "2", "--batch-size", "2", "--subjects", "dog1,cat1,broken", "--local")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 subjects, 6 photos" in r.stdout and "skipped broken" in r.stdout
+    assert main(["profusion", "pretrain", manifest, "--out", str(tmp_path / "pn"), "--base-model", "tiny-random",
+                 "--steps", "2", "--batch-size", "2", "--subjects", "dog1,cat1,broken", "--local"]) == 0
+    said = capsys.readouterr()
+    assert "2 subjects, 6 photos" in said.out and "skipped broken" in said.out, said
     photos = subject_folder(tmp_path, "teddy", n=2)
-    r = cli("train-subject", "--images", str(photos), "--class-noun", "teddy bear", "--method", "profusion",
-            "--promptnet", str(tmp_path / "pn"), "--steps", "2", "--views", "3", "--out", str(tmp_path / "expert"))
-    assert r.returncode == 0, r.stderr[-2000:]
+    one_photo = ["train-subject", "--images", str(photos), "--class-noun", "teddy bear", "--method", "profusion"]
+    assert main([*one_photo, "--promptnet", str(tmp_path / "pn"), "--steps", "2", "--views", "3",
+                 "--out", str(tmp_path / "expert")]) == 0, capsys.readouterr().err[-2000:]
     info = ExpertInfo.read(tmp_path / "expert")
     assert info.method == "profusion" and info.num_images == 1 and info.class_images is None
     assert "num_class_images" not in info.config and info.config["views"] == 3  # the customisation's own config
     assert info.config["prompt"] == "a {placeholder} {class_noun}" and info.config["learning_rate"] == 2e-5
-    r = cli("train-subject", "--images", str(photos), "--class-noun", "teddy bear", "--method", "profusion",
-            "--out", str(tmp_path / "none"))
-    assert r.returncode != 0 and "--promptnet" in r.stderr
+    capsys.readouterr()
+    assert main([*one_photo, "--out", str(tmp_path / "none")]) == 2
+    assert "--promptnet" in capsys.readouterr().err
 
 
 def test_serving_engine_renders_a_profusion_expert_beside_a_dreambooth_one(promptnet, tmp_path):

@@ -135,6 +135,11 @@ FAST = MicrobenchConfig(
 )
 
 
+# In `make test-slow` (~200 s on a quiet 2-core machine, 340 s beside another test process: two
+# 1600-step LoRA runs, which the toy Flux needs; 800 steps learn too little): `make test` keeps
+# the same three effects on the toy UNet (test_toy_dreambooth.py) and, above, the toy Flux's
+# loading, prompt following, training and packing through the same DreamBooth loop.
+@pytest.mark.slow
 def test_dreambooth_effects_one_subject_on_the_toy_flux(tmp_path):
     summary = summarise(run_microbench(tmp_path, FAST, base_spec="toy-flux"))
     base, plain, prior = summary["base"], summary["dreambooth"], summary["dreambooth+prior"]

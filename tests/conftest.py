@@ -41,15 +41,15 @@ def _ray_auth_token() -> None:
         generate_and_save_token()
 
 
-# Seconds each module took in a serial clean-clone run (2026-12-04, 2-core Xeon, --durations=0).
+# Seconds each module took (its tests' setup and call times, --durations).
 # `make test` runs the suite on two processes (pytest-xdist, --dist loadscope: a module stays on
 # one process with its fixtures); the longest modules go first so that neither process is left
 # with a long module at the end while the other idles. Modules not listed run after these.
-MODULE_SECONDS = {
-    "test_fanout": 254, "test_toy_flux": 222, "test_multinode": 217, "test_apprentice": 205,
-    "test_cli": 197, "test_profusion": 181, "test_serving": 161, "test_serving_load": 128,
-    "test_dashboard": 110, "test_jobs": 105, "test_toy_dreambooth": 94, "test_bench_smoke": 83,
-    "test_s3": 28, "test_families": 28, "test_dreambooth": 27, "test_packing": 19, "test_select": 17,
+MODULE_SECONDS = {  # from a clean-clone run on 2026-12-07 (two processes, 2-core AMD EPYC)
+    "test_serving": 418, "test_serving_load": 319, "test_multinode": 299, "test_fanout": 288,
+    "test_toy_dreambooth": 210, "test_apprentice": 188, "test_cli": 180, "test_dashboard": 171,
+    "test_jobs": 138, "test_profusion": 135, "test_bench_smoke": 87, "test_toy_flux": 53, "test_packing": 48,
+    "test_dreambooth": 35, "test_families": 34, "test_s3": 33, "test_cluster_manifests": 32, "test_select": 14,
 }
 
 

@@ -117,6 +117,30 @@ def test_keys_need_a_registry_that_is_there(tmp_path, capsys):
     assert (tmp_path / "keys.json").is_file() and not typo.exists()
 
 
+def test_a_key_with_a_rate_of_its_own(tmp_path, capsys):
+    """`keys create --rate-per-min`: the key's requests fill a bucket of their own at that rate."""
+    from dreamfleet.registry import Registry
+    from dreamfleet.serving.auth import KeyStore
+    from dreamfleet.serving.limits import TenantRateLimit
+
+    reg = str(tmp_path / "reg")
+    Registry(reg)
+    assert main(["keys", "create", "--tenant", "acme", "--rate-per-min", "30", "--registry", reg]) == 0
+    token = capsys.readouterr().out.splitlines()[0]
+    assert main(["keys", "list", "--registry", reg]) == 0 and "rate=30/min" in capsys.readouterr().out
+    assert main(["keys", "create", "--tenant", "acme", "--rate-per-min", "0", "--registry", reg]) == 2
+    assert "--rate-per-min must be positive" in capsys.readouterr().err
+    caller = KeyStore(tmp_path / "reg" / "serving" / "keys.json").authenticate(token)
+    assert caller.tenant == "acme" and caller.rate_per_min == 30
+    now = [0.0]
+    limiter = TenantRateLimit(600, 2, clock=lambda: now[0])  # the server's: 10 a second, 2 at once
+    assert limiter.admit("key:a", 30) is None and limiter.admit("key:a", 30) is None
+    assert limiter.admit("key:a", 30) == pytest.approx(2.0)  # 30 a minute: the next one in 2 s
+    assert limiter.admit("acme") is None  # the tenant's own bucket is untouched
+    now[0] = 2.0
+    assert limiter.admit("key:a", 30) is None
+
+
 def test_bad_manifest_override_is_refused_before_ray_starts(tmp_path):
     """A per-subject learning_rate of -1 in the manifest: `dreamfleet train` refuses the run at
     submit time, naming the subject and the field; no Ray session, no registry entry."""
@@ -125,7 +149,8 @@ def test_bad_manifest_override_is_refused_before_ray_starts(tmp_path):
         subject_folder(src, name, n=3, seed=i)
     (src / "classes.csv").write_text("subject_id,class_noun,learning_rate\ngood,dog,\nbad,dog,-1\n")
     assert main(["manifest", "build", "--from-folders", str(src), "--out", str(tmp_path / "man"), "--min-side", "32"]) == 0
-    # the refusal in a process of its own: Ray's own temp folder for this command (RAY_TMPDIR): another test process may start Ray meanwhile
+    # the refusal in a process of its own, with Ray's temp folder for this command (RAY_TMPDIR):
+    # another test process may start Ray meanwhile
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt"))
     r = cli("train", str(tmp_path / "man"), "--out", str(tmp_path / "reg"), "--steps", "2",
             env={"RAY_TMPDIR": str(ray_tmp)})

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     kc.add_argument("--tenant", help="the tenant (owner) whose subjects this key may use")
     kc.add_argument("--admin", action="store_true", help="a key that may use every subject")
     kc.add_argument("--name", default="", help="a label, e.g. the client's name")
+    kc.add_argument("--rate-per-min", type=float, default=None,
+                    help="requests a minute this key may send, in a bucket of its own (default: the tenant's "
+                         "bucket at the server's --rate-limit-per-min)")
     kc.set_defaults(handler=run_keys_create)
     kl = ksub.add_parser("list", help="key ids, tenants and state (never the keys themselves)")
     kl.add_argument("--registry", required=True)
@@ -72,7 +75,7 @@ def _registry_keys_path(registry: str):
 
 
 def run_keys_create(args: argparse.Namespace) -> int:
-    key, token = _store(args).create(args.tenant, admin=args.admin, name=args.name)
+    key, token = _store(args).create(args.tenant, admin=args.admin, name=args.name, rate_per_min=args.rate_per_min)
     print(token)
     print(f"key id {key.id}, tenant {key.tenant or '-'}{', admin' if key.admin else ''}: "
           "store the key now, it is not shown again", flush=True)
@@ -81,7 +84,8 @@ def run_keys_create(args: argparse.Namespace) -> int:
 
 def run_keys_list(args: argparse.Namespace) -> int:
     for key in _store(args).list_keys():
-        print(f"{key.id}  tenant={key.tenant or '-'}  admin={key.admin}  revoked={key.revoked}  "
+        rate = f"{key.rate_per_min:g}/min" if key.rate_per_min is not None else "server's"
+        print(f"{key.id}  tenant={key.tenant or '-'}  admin={key.admin}  rate={rate}  revoked={key.revoked}  "
               f"created={key.created_at}  {key.name}")
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from dreamfleet.core.errors import ConfigError
 from dreamfleet.core.storage import is_remote
 
-KEYS_VERSION = 1
+KEYS_VERSION = 2  # 2: a key may carry its own rate_per_min (version-1 files load as they are)
 
 
 @dataclass
@@ -33,6 +33,9 @@ class ApiKey:
     name: str = ""
     created_at: str = ""
     revoked: bool = False
+    rate_per_min: float | None = None
+    """Requests a minute this key may send, in a bucket of its own (None: the tenant's bucket at
+    the server's --rate-limit-per-min)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Caller:
     key_id: str | None
     tenant: str | None
     admin: bool
+    rate_per_min: float | None = None
 
     def may_use(self, subject_tenant: str | None) -> bool:
         return self.admin or subject_tenant is None or subject_tenant == self.tenant
@@ -102,7 +106,7 @@ class KeyStore:
         expected = key.hash if key is not None else "0" * 64
         if not hmac.compare_digest(_hash(token), expected) or key is None or key.revoked:
             return None
-        return Caller(key.id, key.tenant, key.admin)
+        return Caller(key.id, key.tenant, key.admin, key.rate_per_min)
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,12 +116,17 @@ class KeyStore:
         os.replace(tmp, self.path)
         self._mtime = self.path.stat().st_mtime
 
-    def create(self, tenant: str | None, *, admin: bool = False, name: str = "") -> tuple[ApiKey, str]:
+    def create(self, tenant: str | None, *, admin: bool = False, name: str = "",
+               rate_per_min: float | None = None) -> tuple[ApiKey, str]:
         if not admin and not tenant:
             raise ConfigError("a key needs a --tenant (or --admin for a key that sees every subject)")
+        if rate_per_min is not None and not rate_per_min > 0:
+            raise ConfigError(f"--rate-per-min must be positive, got {rate_per_min:g} (leave it out for the "
+                              "server's --rate-limit-per-min)")
         key_id = secrets.token_hex(4)
         token = f"df_{key_id}_{secrets.token_urlsafe(24).replace('_', '-')}"
-        key = ApiKey(key_id, _hash(token), tenant, admin, name, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        key = ApiKey(key_id, _hash(token), tenant, admin, name, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     rate_per_min=rate_per_min)
         with self._lock:
             self._load()
             self._keys[key_id] = key

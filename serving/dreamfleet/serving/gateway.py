@@ -203,14 +203,18 @@ class Gateway:
         return value
 
     def _admit(self, caller) -> None:
-        """429 with Retry-After when the caller's tenant is over its rate."""
+        """429 with Retry-After when the caller's tenant (or its key, when the key has a rate of
+        its own) is over its rate."""
         tenant = caller.tenant or (f"key:{caller.key_id}" if caller.key_id else "anonymous")
-        wait = self.limiter.admit(tenant)
+        own = caller.rate_per_min is not None
+        wait = self.limiter.admit(f"key:{caller.key_id}" if own else tenant, caller.rate_per_min)
         if wait is not None:
             from dreamfleet.serving.limits import retry_after
 
-            raise HTTPException(429, f"tenant {tenant!r} is over its rate of {self.cfg.rate_limit_per_min:g} "
-                                     "requests a minute; retry later", headers={"Retry-After": retry_after(wait)})
+            rate = caller.rate_per_min if own else self.cfg.rate_limit_per_min
+            who = f"tenant {tenant!r}" + (f" (key {caller.key_id})" if own else "")
+            raise HTTPException(429, f"{who} is over its rate of {rate:g} requests a minute; retry later",
+                                headers={"Retry-After": retry_after(wait)})
 
     def _budget(self, width: int, height: int, steps: int, n: int) -> None:
         """422 naming the limit when a request asks for more work than one request may."""

@@ -24,19 +24,21 @@ class TenantRateLimit:
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
         self._lock = threading.Lock()
 
-    def admit(self, tenant: str) -> float | None:
-        """None when admitted, else the seconds until the tenant's next request would be."""
-        if self.rate <= 0:
+    def admit(self, tenant: str, per_min: float | None = None) -> float | None:
+        """None when admitted, else the seconds until the tenant's next request would be;
+        ``per_min``: this bucket's own rate instead of the server's (a key's ``rate_per_min``)."""
+        rate = self.rate if per_min is None else per_min / 60.0
+        if rate <= 0:
             return None
         now = self.clock()
         with self._lock:
             tokens, at = self._buckets.get(tenant, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            tokens = min(self.burst, tokens + (now - at) * rate)
             if tokens >= 1.0:
                 self._buckets[tenant] = (tokens - 1.0, now)
                 return None
             self._buckets[tenant] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+            return (1.0 - tokens) / rate
 
 
 def retry_after(seconds: float) -> str:

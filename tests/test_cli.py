@@ -129,7 +129,7 @@ def test_a_key_with_a_rate_of_its_own(tmp_path, capsys):
     token = capsys.readouterr().out.splitlines()[0]
     assert main(["keys", "list", "--registry", reg]) == 0 and "rate=30/min" in capsys.readouterr().out
     assert main(["keys", "create", "--tenant", "acme", "--rate-per-min", "0", "--registry", reg]) == 2
-    assert "--rate-per-min must be positive" in capsys.readouterr().err
+    assert "--rate-per-min must be positive and finite" in capsys.readouterr().err
     caller = KeyStore(tmp_path / "reg" / "serving" / "keys.json").authenticate(token)
     assert caller.tenant == "acme" and caller.rate_per_min == 30
     now = [0.0]

@@ -120,8 +120,8 @@ class KeyStore:
                rate_per_min: float | None = None) -> tuple[ApiKey, str]:
         if not admin and not tenant:
             raise ConfigError("a key needs a --tenant (or --admin for a key that sees every subject)")
-        if rate_per_min is not None and not rate_per_min > 0:
-            raise ConfigError(f"--rate-per-min must be positive, got {rate_per_min:g} (leave it out for the "
+        if rate_per_min is not None and not 0 < rate_per_min < float("inf"):
+            raise ConfigError(f"--rate-per-min must be positive and finite, got {rate_per_min:g} (leave it out for the "
                               "server's --rate-limit-per-min)")
         key_id = secrets.token_hex(4)
         token = f"df_{key_id}_{secrets.token_urlsafe(24).replace('_', '-')}"

@@ -42,7 +42,8 @@ ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=Fal
 t2 = time.time()
 ray.get(ray.remote(lambda: 1).remote())
 t3 = time.time()
-start, end = one_fit(WorkerGroupTrainer, 1, tempfile.mkdtemp(prefix="bytecode-"))
+with tempfile.TemporaryDirectory(prefix="bytecode-") as storage:
+    start, end = one_fit(WorkerGroupTrainer, 1, storage)
 print(json.dumps({"import_ray_s": t1 - t0, "ray_init_s": t2 - t1, "first_task_s": t3 - t2,
                   "fit_start_s": start, "fit_end_s": end}))
 """
@@ -84,13 +85,13 @@ def main() -> None:
     ap.add_argument("--demo", action="store_true", help="also time the test suite's one-subject demo")
     ap.add_argument("--out", default="benchmarks/results/bytecode.json")
     args = ap.parse_args()
-    empty = tempfile.mkdtemp(prefix="no-pyc-")
     rows: dict[str, list[dict[str, float]]] = {"source": [], "bytecode": []}
-    for _ in range(args.repeats):
-        for mode in rows:
-            rows[mode].append(one_round(mode, empty, args.demo))
-            print(mode, {k: round(v, 1) for k, v in rows[mode][-1].items()}, flush=True)
-    assert not any(Path(empty).iterdir()), "the source runs wrote bytecode after all"
+    with tempfile.TemporaryDirectory(prefix="no-pyc-") as empty:
+        for _ in range(args.repeats):
+            for mode in rows:
+                rows[mode].append(one_round(mode, empty, args.demo))
+                print(mode, {k: round(v, 1) for k, v in rows[mode][-1].items()}, flush=True)
+        assert not any(Path(empty).iterdir()), "the source runs wrote bytecode after all"
     result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "repeats": args.repeats}
     for mode, runs in rows.items():

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -29,11 +30,12 @@ def touch(config: dict) -> None:
 def one_fit(cls, workers: int, storage: str) -> tuple[float, float]:
     from ray.train import RunConfig, ScalingConfig
 
-    stamp = Path(tempfile.mkdtemp()) / "ran"
-    t0 = time.time()
-    cls(touch, train_loop_config={"stamp": str(stamp)}, scaling_config=ScalingConfig(num_workers=workers),
-        run_config=RunConfig(storage_path=storage)).fit()
-    t1, ran = time.time(), float(stamp.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        stamp = Path(tmp) / "ran"
+        t0 = time.time()
+        cls(touch, train_loop_config={"stamp": str(stamp)}, scaling_config=ScalingConfig(num_workers=workers),
+            run_config=RunConfig(storage_path=storage)).fit()
+        t1, ran = time.time(), float(stamp.read_text())
     return ran - t0, t1 - ran
 
 
@@ -52,7 +54,7 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=max(2, args.workers), include_dashboard=args.dashboard, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
-    storage = tempfile.mkdtemp(prefix="fit-overhead-")
+    storage = tempfile.mkdtemp(prefix="fit-overhead-")  # Ray Train's run folders; removed at the end
     one_fit(WorkerGroupTrainer, args.workers, storage)  # warm-up: Ray's first-use actors and caches
     rows = {"TorchTrainer": [], "WorkerGroupTrainer": []}
     for _ in range(args.repeats):
@@ -70,6 +72,7 @@ def main() -> None:
     print(f"WorkerGroupTrainer / TorchTrainer, median total: {result['ratio_total']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(storage, ignore_errors=True)
 
 
 if __name__ == "__main__":

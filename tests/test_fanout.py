@@ -47,12 +47,11 @@ def class_cache(tmp_path_factory) -> str:
     return prefilled_class_cache(tmp_path_factory.mktemp("class-images"), cfg())
 
 
-@pytest.mark.slow  # ~130 s alone; the ZeRO-3 test below runs the same fan-out (two workers each, a broken
-# subject, a driver restart) in `make test`
-def test_zero2_two_workers_each_and_a_broken_subject_fails_alone(manifest, tmp_path):
-    reg_uri = str(tmp_path / "reg")
-    summary = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=8),
-                         FanoutConfig(workers_per_subject=2, zero_stage=2), progress=False)
+def fan_out_past_a_broken_subject_and_again(manifest: str, reg_uri: str, train, fan: FanoutConfig) -> Registry:
+    """The fan-out on two workers per subject: the broken subject fails alone (not retried), the
+    class images are generated once per class, and a driver restart (the same command again)
+    skips the finished subjects."""
+    summary = run_fanout(manifest, reg_uri, "tiny-random", train, fan, progress=False)
     assert sorted(summary.done) == ["cat1", "dog1", "dog2"]
     assert list(summary.failed) == ["broken"] and "broken" in summary.failed["broken"]
     assert "hash" in summary.failed["broken"]
@@ -61,45 +60,31 @@ def test_zero2_two_workers_each_and_a_broken_subject_fails_alone(manifest, tmp_p
     assert st.state == "failed" and st.attempts == 1  # data errors are not retried
     for sid in summary.done:
         info = reg.expert_info(sid)
-        assert info.train_stats["world_size"] == 2 and info.train_stats["zero_stage"] == 2
+        assert info.train_stats["world_size"] == 2 and info.train_stats["zero_stage"] == fan.zero_stage
         assert reg.get_state(sid).state == "done" and reg.latest(sid) == "v0001"
     assert summary.class_images_generated == 8  # 4 dog + 4 cat, once per class
     run = reg.run(summary.run_id)
     assert run["state"] == "finished" and run["failed"] == {"broken": summary.failed["broken"]}
 
-    # A driver restart (the same command again) skips the finished subjects.
-    again = run_fanout(manifest, reg_uri, "tiny-random", cfg(steps=8),
-                       FanoutConfig(workers_per_subject=2, zero_stage=2), subjects=["dog1", "cat1"], progress=False)
+    again = run_fanout(manifest, reg_uri, "tiny-random", train, fan, subjects=["dog1", "cat1"], progress=False)
     assert sorted(again.skipped) == ["cat1", "dog1"] and again.done == []
     assert reg.versions("dog1") == ["v0001"]
+    return reg
+
+
+@pytest.mark.slow  # ~130 s alone; the ZeRO-3 test below runs the same fan-out (two workers each, a broken
+# subject, a driver restart) in `make test`
+def test_zero2_two_workers_each_and_a_broken_subject_fails_alone(manifest, tmp_path):
+    fan_out_past_a_broken_subject_and_again(manifest, str(tmp_path / "reg"), cfg(steps=8),
+                                            FanoutConfig(workers_per_subject=2, zero_stage=2))
 
 
 def test_zero3_two_workers_each_a_broken_subject_fails_alone_and_the_expert_loads_into_plain_diffusers(
         manifest, tmp_path):
-    """Full fine-tuning under DeepSpeed ZeRO-3 on worker groups of two: the broken subject fails
-    alone (not retried), the class images are generated once per class, a driver restart skips
-    what finished, and the published UNet is consolidated (not ZeRO-3 shards) and renders in
-    stock diffusers."""
-    reg_uri = str(tmp_path / "reg")
-    train, fan = cfg(steps=4, method="full"), FanoutConfig(workers_per_subject=2, zero_stage=3)
-    summary = run_fanout(manifest, reg_uri, "tiny-random", train, fan, progress=False)
-    assert sorted(summary.done) == ["cat1", "dog1", "dog2"]
-    assert list(summary.failed) == ["broken"] and "hash" in summary.failed["broken"]
-    reg = Registry(reg_uri)
-    st = reg.get_state("broken")
-    assert st.state == "failed" and st.attempts == 1  # data errors are not retried
-    for sid in summary.done:
-        info = reg.expert_info(sid)
-        assert info.train_stats["world_size"] == 2 and info.train_stats["zero_stage"] == 3
-        assert reg.get_state(sid).state == "done" and reg.latest(sid) == "v0001"
-    assert summary.class_images_generated == 8  # 4 dog + 4 cat, once per class
-    run = reg.run(summary.run_id)
-    assert run["state"] == "finished" and run["failed"] == {"broken": summary.failed["broken"]}
-
-    # A driver restart (the same command again) skips the finished subjects.
-    again = run_fanout(manifest, reg_uri, "tiny-random", train, fan, subjects=["dog1", "cat1"], progress=False)
-    assert sorted(again.skipped) == ["cat1", "dog1"] and again.done == []
-    assert reg.versions("dog1") == ["v0001"]
+    """Full fine-tuning under DeepSpeed ZeRO-3 on worker groups of two, past a broken subject and
+    again; the published UNet is consolidated (not ZeRO-3 shards) and renders in stock diffusers."""
+    reg = fan_out_past_a_broken_subject_and_again(manifest, str(tmp_path / "reg"), cfg(steps=4, method="full"),
+                                                  FanoutConfig(workers_per_subject=2, zero_stage=3))
     assert_renders_in_plain_diffusers(reg.fetch("dog1"), tmp_path)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from dreamfleet.core.errors import ConfigError
 from dreamfleet.core.fusion import (
     FusionParams,
     FusionPipeline,
@@ -263,6 +266,34 @@ def test_customisation_trains_promptnet_and_the_unets_qkv_only(promptnet):
     assert {n.split(".")[-4] for n in grads["unet"]} == {"to_q", "to_k", "to_v"}
     assert not grads["vae"] and not grads["text_encoder"]
     assert len(p.mean) == 4 and p.refs[0] == [0, 1, 2, 3]  # the photo and 3 views; references drawn from all
+
+
+def test_promptnet_may_learn_at_its_own_rate_and_by_default_shares_one_group(promptnet):
+    from dreamfleet.trainers.dreambooth import SubjectData
+    from dreamfleet.trainers.loop import LocalEngine
+    from dreamfleet.trainers.profusion import (
+        CustomizeConfig,
+        ProFusionObjective,
+        loop_settings,
+        prepare_customization,
+    )
+
+    subject = SubjectData("ball", "ball", [Image.new("RGB", (48, 48), (250, 200, 0))])
+    c = CustomizeConfig(steps=2, views=1, learning_rate=1e-3, promptnet_learning_rate=2e-5,
+                        promptnet=str(promptnet[0]))
+    p, _ = prepare_customization(subject, "tiny-random", c)
+    engine = LocalEngine(obj := ProFusionObjective(p, train_qkv=True), loop_settings(p, "t", progress=False))
+    lora, net = engine.optimizer.param_groups
+    assert (lora["lr"], net["lr"]) == (1e-3, 2e-5)
+    assert {id(x) for x in net["params"]} == {id(x) for x in p.promptnet.parameters()}
+    assert all("lora" in n for n, x in p.base.unet.named_parameters() if any(x is y for y in lora["params"]))
+    engine.backward(obj.loss(0, 0)[0])
+    assert engine.step()["lr"] == 1e-3  # the config's rate is the one reported
+    q = dataclasses.replace(p, cfg=dataclasses.replace(c, promptnet_learning_rate=None))
+    one = LocalEngine(ProFusionObjective(q, train_qkv=True), loop_settings(q, "t", progress=False))
+    assert len(one.optimizer.param_groups) == 1 and one.optimizer.param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ConfigError, match="promptnet_learning_rate"):
+        CustomizeConfig(promptnet_learning_rate=0.0)
 
 
 def test_customised_expert_is_sampled_with_fusion_sampling(promptnet, tmp_path):

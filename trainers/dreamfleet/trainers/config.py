@@ -246,6 +246,8 @@ class ProFusionSection:
     promptnet: str | None = cfg(None, "method=profusion: the pre-trained PromptNet folder (`dreamfleet profusion pretrain`)")
     views: int = cfg(31, "method=profusion: augmented views of the one photo")
     qkv_rank: int = cfg(32, "method=profusion: rank of the LoRA on the UNet's to_q/to_k/to_v")
+    promptnet_learning_rate: float | None = cfg(
+        None, "method=profusion: PromptNet's own learning rate (default: --learning-rate, for the q/k/v LoRA too)")
 
 
 # Fields added after experts and checkpoints were first written: a record without one had its

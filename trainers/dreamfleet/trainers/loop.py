@@ -101,6 +101,16 @@ def trainable_parameters(objective: Objective) -> list[torch.nn.Parameter]:
     return [p for m in objective.trainable_modules().values() for p in m.parameters() if p.requires_grad]
 
 
+def parameter_groups(objective: Objective) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: the config's learning rate first, then one group per
+    rate that the objective's ``learning_rates`` (by trainable module name) set apart."""
+    rates: dict[str, float] = getattr(objective, "learning_rates", None) or {}
+    groups: dict[float | None, list[torch.nn.Parameter]] = {None: []}
+    for name, module in objective.trainable_modules().items():
+        groups.setdefault(rates.get(name), []).extend(p for p in module.parameters() if p.requires_grad)
+    return [{"params": ps, **({"lr": lr} if lr is not None else {})} for lr, ps in groups.items() if ps]
+
+
 def trainable_state(objective: Objective) -> dict[str, torch.Tensor]:
     state = {}
     for name, module in objective.trainable_modules().items():
@@ -141,7 +151,7 @@ class LocalEngine:
         self.params = trainable_parameters(objective)
         if not self.params:
             raise RuntimeError("the objective has no trainable parameters")
-        self.optimizer = make_optimizer(self.params, s)
+        self.optimizer = make_optimizer(parameter_groups(objective), s)
         self.scheduler = make_scheduler(self.optimizer, s)
         self.scaler = torch.amp.GradScaler(s.device.type) if s.autocast_dtype == torch.float16 else None
         self.ema = None
@@ -202,7 +212,7 @@ class LocalEngine:
             self.ema.load_state_dict(opt["ema"])
 
 
-def make_optimizer(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter] | list[dict[str, Any]], s: LoopSettings) -> torch.optim.Optimizer:
     o = s.optimizer
     if getattr(o, "optimizer", "adamw") == "adamw8bit":
         import bitsandbytes as bnb  # 8-bit moments, block-wise quantised (Dettmers et al. 2022)

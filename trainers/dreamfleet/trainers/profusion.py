@@ -99,6 +99,7 @@ class CustomizeConfig(LoopConfig, OptimizerConfig, ProFusionCommon):
 
     steps: int = cfg(100, "optimizer steps (the notebook's 100)")
     learning_rate: float = cfg(2e-5, "AdamW learning rate (the notebook's)")
+    promptnet_learning_rate: float | None = cfg(None, "PromptNet's own learning rate (None: learning_rate, as the notebook)")
     lr_scheduler: Scheduler = cfg("constant", "learning-rate schedule")
     max_grad_norm: float = cfg(0.0, "gradient clipping norm (0: none, as the notebook)")
     batch_size: int = cfg(4, "views per step")
@@ -120,7 +121,7 @@ class CustomizeConfig(LoopConfig, OptimizerConfig, ProFusionCommon):
         shared = ("steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
                   "adam_weight_decay", "adam_epsilon", "max_grad_norm", "optimizer", "gradient_accumulation_steps",
                   "checkpoint_every", "checkpoints_total_limit", "batch_size", "resolution", "mixed_precision",
-                  "seed", "device", "views", "qkv_rank")
+                  "seed", "device", "views", "qkv_rank", "promptnet_learning_rate")
         prompt = (t.instance_prompt or "a {identifier} {class_noun}").replace("{identifier}", "{placeholder}")
         return cls(**{f: getattr(t, f) for f in shared}, promptnet=t.promptnet or "", prompt=prompt)
 
@@ -130,6 +131,9 @@ class CustomizeConfig(LoopConfig, OptimizerConfig, ProFusionCommon):
         self.check_common()
         if self.views < 0 or self.qkv_rank < 1:
             raise ConfigError("config fields 'views' must be >= 0 and 'qkv_rank' >= 1")
+        if self.promptnet_learning_rate is not None and not self.promptnet_learning_rate > 0:
+            raise ConfigError(f"config field 'promptnet_learning_rate' must be > 0 or unset, got "
+                              f"{self.promptnet_learning_rate}")
 
 
 @dataclass
@@ -242,6 +246,8 @@ class ProFusionObjective:
         # The distributed engine (parallelize.build_engine) wraps ``denoiser`` in DDP or DeepSpeed
         # and the loss calls through ``forward_unet``: here the module trained is PromptNet.
         self.denoiser = self.forward_unet = p.promptnet
+        rate = getattr(self.cfg, "promptnet_learning_rate", None)
+        self.learning_rates = {"promptnet": rate} if train_qkv and rate is not None else {}
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         mods: dict[str, torch.nn.Module] = {"promptnet": self.p.promptnet}

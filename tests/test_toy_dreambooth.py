@@ -93,3 +93,14 @@ def test_eval_writes_table_and_grids(tmp_path):
 
     grid = Image.open(tmp_path / "eval" / "grids" / f"{s.subject_id}.png")
     assert grid.size == (2 * 32 + 3 * 2, 7 * 32 + 8 * 2)  # 6 prompts + the class prompt, 2 images each
+    import json
+
+    from dreamfleet.core.expert import ExpertInfo
+
+    record = json.loads((tmp_path / "eval" / "eval.json").read_text())  # what was scored, how, by which code
+    assert (record["config"]["images_per_prompt"], record["config"]["num_inference_steps"]) == (2, 2)
+    assert record["manifest"] == str(tmp_path / "manifest") and record["code_version"]
+    expert = ExpertInfo.read(tmp_path / "experts" / s.subject_id)
+    assert [(e["subject_id"], e["input_hash"]) for e in record["experts"]] == [(s.subject_id, expert.input_hash)]
+    assert [r["model"] for r in record["rows"]] == ["base", expert.method]
+    assert f'{record["rows"][1]["subject_fidelity"]:.4f}' in rows[2]

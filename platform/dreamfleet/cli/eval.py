@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Generates images_per_prompt images for every evaluation prompt of each expert's subject (from the "
             "manifest) and for its plain class prompt, then scores them: the toy metrics (subject fidelity, "
             "prompt fidelity, class drift) for toy subjects, DINO / CLIP-I / CLIP-T when --dino-model / "
-            "--clip-model give local model folders. Writes results.csv, results.md and grids/SUBJECT.png."
+            "--clip-model give local model folders. Writes results.csv, results.md, grids/SUBJECT.png and eval.json "
+            "(the resolved config, the manifest, each expert's provenance, every row)."
         ),
     )
     p.add_argument("experts", nargs="+", type=Path, help="expert folders (or folders of expert folders)")
@@ -56,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
     scorers = Scorers.from_config(c, judge=ToyJudge.load())  # the toy metrics for toy subjects
     evaluate_experts(expert_folders(args.experts), args.manifest, args.out, c, scorers=scorers,
                      include_base=args.include_base)
-    print(f"results: {args.out / 'results.md'} (and results.csv, grids/)")
+    print(f"results: {args.out / 'results.md'} (and results.csv, eval.json, grids/)")
     return 0

@@ -215,8 +215,10 @@ def evaluate_experts(expert_dirs: Sequence[Path], manifest: str | Path, out: str
     m = Manifest.open(manifest)
     scorers = scorers or Scorers.from_config(c)
     rows: list[dict[str, Any]] = []
+    experts: list[dict[str, Any]] = []
     for expert_dir in expert_dirs:
         pipe, info = open_expert(Path(expert_dir))
+        experts.append(_expert_record(Path(expert_dir), info))
         rec = m.record(info.subject_id)
         case = SubjectCase(
             subject_id=info.subject_id, class_noun=info.class_noun, identifier=info.identifier,
@@ -234,7 +236,32 @@ def evaluate_experts(expert_dirs: Sequence[Path], manifest: str | Path, out: str
             on_row(row)
         log.info("evaluated %s: %s", info.subject_id, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)})
     write_table(rows, out)
+    write_eval_record(out, c, manifest, experts, rows)
     return rows
+
+
+EVAL_FILE = "eval.json"
+
+
+def _expert_record(path: Path, info) -> dict[str, Any]:
+    return {"path": str(path), "subject_id": info.subject_id, "method": info.method, "base_model": info.base_model,
+            "input_hash": info.input_hash, "code_version": info.code_version, "created_at": info.created_at}
+
+
+def write_eval_record(out: Path, c: EvalConfig, manifest: str | Path, experts: list[dict], rows: list[dict]) -> Path:
+    """``eval.json``: the resolved evaluation config, the manifest, which experts (and their
+    provenance) were scored by which code, and every row of the table."""
+    import datetime as dt
+
+    from dreamfleet.core.artifacts import write_json
+    from dreamfleet.core.config import to_dict
+    from dreamfleet.core.version import code_version
+
+    record = {"config": to_dict(c), "manifest": str(manifest), "code_version": code_version(),
+              "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "experts": experts,
+              "rows": rows}
+    write_json(out / EVAL_FILE, record)
+    return out / EVAL_FILE
 
 
 def _as_base(case: SubjectCase) -> SubjectCase:

@@ -15,27 +15,20 @@ procedural subjects; ``KEY=VALUE`` pairs are CustomizeConfig fields.)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import time
 from pathlib import Path
 
 METRICS = ("subject_fidelity", "subject_similarity", "prompt_fidelity", "prompt_fidelity_novel")
 
 
 def recipe(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` pairs as CustomizeConfig fields, typed by the field's default."""
+    """``KEY=VALUE`` pairs as CustomizeConfig fields, typed and checked as every config is."""
+    from dreamfleet.core.config import from_dict
     from dreamfleet.trainers.profusion import CustomizeConfig
 
-    kinds = {f.name: f.type for f in dataclasses.fields(CustomizeConfig)}
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in kinds:
-            raise SystemExit(f"{key!r} is not a CustomizeConfig field")
-        kind = str(kinds[key])
-        out[key] = (int(value) if kind.startswith("int") else float(value) if "float" in kind else value)
-    return out
+    given = dict(pair.partition("=")[::2] for pair in pairs)
+    typed = from_dict(CustomizeConfig, given, where="recipe")
+    return {k: getattr(typed, k) for k in given}
 
 
 def screen_subject(sid: str, args, over: dict, ctx: dict) -> dict:
@@ -53,17 +46,15 @@ def screen_subject(sid: str, args, over: dict, ctx: dict) -> dict:
     rec, c = ctx["manifest"].record(sid), ctx["bench"]
     photos = [im for _, im, _ in ctx["manifest"].read_images(sid)]
     s = Subject(sid, rec.class_noun, photos, list(rec.eval_prompts))
-    t0 = time.perf_counter()
     _, result = customize_subject(SubjectData(sid, rec.class_noun, photos[:1]), "toy",
                                   customize_config(c, args.promptnet, **over), args.out / sid, overwrite=True,
                                   progress=False)
-    wall = time.perf_counter() - t0
     pipe, info, _ = _timed_first_image(args.out / sid, s.templates[0], c, _params(c))
     row = evaluate_case(pipe, s.case(info.identifier, "fusion"), ctx["scorers"], ctx["ec"],
                         grid_path=args.out / f"{sid}.png")
     k0 = evaluate_case(WithParams(pipe.pipe, _params(c, refine_step=0)), s.case(info.identifier, "k0"),
                        ctx["scorers"], ctx["ec"])
-    return {"subject": sid, "personalise_s": round(wall, 1), **{k: round(row[k], 4) for k in METRICS},
+    return {"subject": sid, "personalise_s": round(info.wall_time_s, 1), **{k: round(row[k], 4) for k in METRICS},
             "k0": {k: round(k0[k], 4) for k in METRICS},
             "s_star_norm": round(result.history[-1].get("s_star_norm", 0.0), 1)}
 
@@ -81,15 +72,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from dreamfleet.data.manifest import Manifest
-    from dreamfleet.eval.evaluate import EvalConfig, Scorers
-    from dreamfleet.eval.profusion_bench import ProFusionBenchConfig
+    from dreamfleet.eval.evaluate import Scorers
+    from dreamfleet.eval.profusion_bench import ProFusionBenchConfig, _eval_config
     from dreamfleet.toy.judge import ToyJudge
     from dreamfleet.toy.subjects import write_subjects_manifest
 
     over = recipe(args.recipe)
     bench = ProFusionBenchConfig(images_per_prompt=args.images_per_prompt)
-    ec = EvalConfig(images_per_prompt=bench.images_per_prompt, num_inference_steps=bench.num_inference_steps,
-                    guidance_scale=bench.guidance_scale, seed=bench.seed)
+    ec = _eval_config(bench)
     if not (args.out / "manifest").exists():
         write_subjects_manifest(args.out / "manifest")
     ctx = {"manifest": Manifest.open(args.out / "manifest"), "bench": bench, "ec": ec,

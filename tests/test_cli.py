@@ -163,10 +163,10 @@ def test_bad_manifest_override_is_refused_before_ray_starts(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    # `make demo` with one toy subject, 4 steps, 4 class images and 1 image per evaluation prompt:
-    # the fan-out, the evaluation, results.md and the grid
+    # `make demo` with one toy subject, 4 steps, 4 class images and 1 image of 5 denoising steps per
+    # evaluation prompt: the fan-out, the evaluation, results.md and the grid
     r = cli("demo", "--out", str(tmp_path / "demo"), "--subjects", "ball-halves", "--steps", "4",
-            "--class-images", "4", "--eval-images", "1", cwd=tmp_path)
+            "--class-images", "4", "--eval-images", "1", "--eval-steps", "5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "demo"
     # trained through the fan-out: the expert is published to the demo's registry
@@ -174,9 +174,10 @@ def test_demo_runs_end_to_end(tmp_path):
     # its metrics stored with the expert, where the dashboard's subject page shows them
     stored = json.loads((out / "registry" / "subjects" / "ball-halves" / "versions" / "v0001" / "eval.json").read_text())
     assert "subject_fidelity" in stored and "subject_fidelity (base model)" in stored, stored
+    assert (stored["images_per_prompt"], stored["num_inference_steps"]) == (1, 5)  # how it was scored
     results = (out / "results.md").read_text()
     assert "| ball-halves | DreamBooth | ball |" in results and "| ball-halves | base | ball |" in results
-    assert "prompt_fidelity_novel" in results and "1 image(s) per prompt" in results
+    assert "prompt_fidelity_novel" in results and "1 image(s) per prompt" in results and "5 denoising steps" in results
     assert "prior preservation with\n4 class images" in results
     from PIL import Image
 

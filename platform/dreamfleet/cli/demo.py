@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "far better, docs/microbench.md)")
     p.add_argument("--eval-images", type=int, default=4,
                    help="images per evaluation prompt (default 4, as DreamBench; fewer is quicker and noisier)")
+    p.add_argument("--eval-steps", type=int, default=25,
+                   help="denoising steps of each evaluation image (default 25, as `dreamfleet eval`; fewer is a quicker look)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded Ray (one subject trains per CPU)")
     p.set_defaults(handler=run)
 
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(out / "registry", ignore_errors=True)  # a fresh run every time
     overrides = {"steps": args.steps, "num_class_images": args.class_images, "prior_loss_weight": args.prior_loss_weight}
     train_cfg = microbench_train_config(args.base_model, **{k: v for k, v in overrides.items() if v is not None})
-    eval_cfg = EvalConfig(images_per_prompt=args.eval_images)
+    eval_cfg = EvalConfig(images_per_prompt=args.eval_images, num_inference_steps=args.eval_steps)
     fan = FanoutConfig(max_concurrent=max(1, min(args.num_cpus, len(ids))), cpus_per_worker=1,
                        class_cache=str(out / "class-images"), class_image_actors=args.num_cpus)
     connect_ray(None, num_cpus=args.num_cpus)
@@ -113,10 +115,11 @@ def run(args: argparse.Namespace) -> int:
         ray.shutdown()
     if not results:
         return 1
-    store_evaluations(registry, versions, results, eval_cfg.images_per_prompt)
+    store_evaluations(registry, versions, results, eval_cfg.images_per_prompt,
+                      num_inference_steps=eval_cfg.num_inference_steps)
     rows = [row for r in results for row in r["rows"]]
     write_table(rows, out, title="dreamfleet demo: the toy model before and after DreamBooth")
-    _results_md(out, results, train_cfg, eval_cfg.images_per_prompt, time.perf_counter() - t0)
+    _results_md(out, results, train_cfg, eval_cfg, time.perf_counter() - t0)
     _grid(results).save(out / "grid.png")
     print(f"results: {out / 'results.md'}")
     print(f"grid: {out / 'grid.png'}  (per subject: training photos | the expert in the five contexts; "
@@ -157,7 +160,8 @@ def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_mode
     }
 
 
-def store_evaluations(registry, versions: dict[str, str], results: list[dict], images_per_prompt: int) -> None:
+def store_evaluations(registry, versions: dict[str, str], results: list[dict], images_per_prompt: int, *,
+                      num_inference_steps: int | None = None) -> None:
     """Each expert's metrics, with the base model's beside them, stored with the expert in the
     registry, where the dashboard's subject page shows them."""
     from dreamfleet.eval.evaluate import METRIC_COLUMNS
@@ -171,10 +175,11 @@ def store_evaluations(registry, versions: dict[str, str], results: list[dict], i
             if m in base:
                 metrics[f"{m} (base model)"] = base[m]
         registry.write_evaluation(r["subject"], versions[r["subject"]], {
-            **metrics, "images_per_prompt": images_per_prompt, "evaluated_by": "dreamfleet demo"})
+            **metrics, "images_per_prompt": images_per_prompt, "evaluated_by": "dreamfleet demo",
+            **({"num_inference_steps": num_inference_steps} if num_inference_steps else {})})
 
 
-def _results_md(out: Path, results: list[dict], train_cfg, eval_images: int, wall_s: float) -> None:
+def _results_md(out: Path, results: list[dict], train_cfg, eval_cfg, wall_s: float) -> None:
     lines = []
     for r in results:
         where = f": photos {', '.join(r['photo_contexts'])}" if r["photo_contexts"] else ""
@@ -201,7 +206,8 @@ subject, trained through the fan-out on an embedded local Ray. {wall_s:.0f} s in
 below them the base model's images of the same prompts without `[V]`. A gold frame marks a
 context that none of the subject's photos shows: recontextualisation proper.
 
-Metrics (the toy judge, `docs/toy_world.md`; {eval_images} image(s) per prompt, 6 prompts): subject
+Metrics (the toy judge, `docs/toy_world.md`; {eval_cfg.images_per_prompt} image(s) per prompt, 6 prompts,
+{eval_cfg.num_inference_steps} denoising steps each): subject
 fidelity (is it the subject? the base model cannot draw it), subject similarity, prompt
 fidelity (class and context as prompted: close to the base model's means the expert still
 follows prompts), the same over the novel contexts only, and class drift (does the plain

@@ -1,4 +1,5 @@
-"""A real S3 API for the tests: moto's standalone server (``moto_server``) in its own process.
+"""A real S3 API for the tests: moto's standalone server (``moto_server``) in its own process,
+with its conditional writes made atomic as S3's are (``moto_s3_server.py``).
 
 ``S3Server.start()`` launches it on a free 127.0.0.1 port; ``env()`` is what a client (this
 process, Ray nodes, subprocesses) needs in its environment; ``requests()`` returns what the
@@ -35,9 +36,9 @@ class S3Server:
     def start(self) -> S3Server:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(self.workdir / "recording.jsonl")}
-        exe = Path(sys.executable).with_name("moto_server")
+        server = Path(__file__).with_name("moto_s3_server.py")  # moto_server, conditional writes atomic as on S3
         with open(self.workdir / "moto.log", "ab") as log:
-            self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], env=env,
+            self.proc = subprocess.Popen([sys.executable, str(server), "-H", "127.0.0.1", "-p", str(self.port)], env=env,
                                          stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

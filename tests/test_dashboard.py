@@ -85,10 +85,11 @@ def test_api_reads_runs_subjects_and_experts(registry):
 def test_demo_metrics_show_on_the_subject_page(registry):
     """`dreamfleet demo` stores each expert's metrics with it in the registry: the subject page shows them."""
     from dreamfleet.cli.demo import store_evaluations
+    from dreamfleet.eval.evaluate import EvalConfig
 
     rows = [{"subject": "dog1", "model": "base", "images": 6, "subject_fidelity": 0.05, "prompt_fidelity": 0.9},
             {"subject": "dog1", "model": "DreamBooth", "images": 6, "subject_fidelity": 0.8, "prompt_fidelity": 0.85}]
-    store_evaluations(registry, {"dog1": "v0001"}, [{"subject": "dog1", "rows": rows}], images_per_prompt=1)
+    store_evaluations(registry, {"dog1": "v0001"}, [{"subject": "dog1", "rows": rows}], EvalConfig(images_per_prompt=1))
     ev = client(registry).get("/api/subjects/dog1").json()["evaluation"]
     assert ev["subject_fidelity"] == 0.8 and ev["subject_fidelity (base model)"] == 0.05
     assert ev["prompt_fidelity"] == 0.85 and ev["images_per_prompt"] == 1 and ev["evaluated_by"] == "dreamfleet demo"

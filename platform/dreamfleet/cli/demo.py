@@ -115,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
         ray.shutdown()
     if not results:
         return 1
-    store_evaluations(registry, versions, results, eval_cfg.images_per_prompt,
-                      num_inference_steps=eval_cfg.num_inference_steps)
+    store_evaluations(registry, versions, results, eval_cfg)
     rows = [row for r in results for row in r["rows"]]
     write_table(rows, out, title="dreamfleet demo: the toy model before and after DreamBooth")
     _results_md(out, results, train_cfg, eval_cfg, time.perf_counter() - t0)
@@ -160,10 +159,10 @@ def _evaluate_subject(manifest: str, subject_id: str, expert_dir: str, base_mode
     }
 
 
-def store_evaluations(registry, versions: dict[str, str], results: list[dict], images_per_prompt: int, *,
-                      num_inference_steps: int | None = None) -> None:
-    """Each expert's metrics, with the base model's beside them, stored with the expert in the
-    registry, where the dashboard's subject page shows them."""
+def store_evaluations(registry, versions: dict[str, str], results: list[dict], eval_cfg) -> None:
+    """Each expert's metrics, with the base model's beside them and how they were measured (images
+    per prompt, denoising steps), stored with the expert in the registry, where the dashboard's
+    subject page shows them."""
     from dreamfleet.eval.evaluate import METRIC_COLUMNS
 
     for r in results:
@@ -175,8 +174,8 @@ def store_evaluations(registry, versions: dict[str, str], results: list[dict], i
             if m in base:
                 metrics[f"{m} (base model)"] = base[m]
         registry.write_evaluation(r["subject"], versions[r["subject"]], {
-            **metrics, "images_per_prompt": images_per_prompt, "evaluated_by": "dreamfleet demo",
-            **({"num_inference_steps": num_inference_steps} if num_inference_steps else {})})
+            **metrics, "images_per_prompt": eval_cfg.images_per_prompt,
+            "num_inference_steps": eval_cfg.num_inference_steps, "evaluated_by": "dreamfleet demo"})
 
 
 def _results_md(out: Path, results: list[dict], train_cfg, eval_cfg, wall_s: float) -> None:

@@ -251,15 +251,13 @@ def _expert_record(path: Path, info) -> dict[str, Any]:
 def write_eval_record(out: Path, c: EvalConfig, manifest: str | Path, experts: list[dict], rows: list[dict]) -> Path:
     """``eval.json``: the resolved evaluation config, the manifest, which experts (and their
     provenance) were scored by which code, and every row of the table."""
-    import datetime as dt
-
     from dreamfleet.core.artifacts import write_json
     from dreamfleet.core.config import to_dict
     from dreamfleet.core.version import code_version
+    from dreamfleet.registry.store import now
 
-    record = {"config": to_dict(c), "manifest": str(manifest), "code_version": code_version(),
-              "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "experts": experts,
-              "rows": rows}
+    record = {"config": to_dict(c), "manifest": str(manifest), "code_version": code_version(), "created_at": now(),
+              "experts": experts, "rows": rows}
     write_json(out / EVAL_FILE, record)
     return out / EVAL_FILE
 
